@@ -1,0 +1,120 @@
+"""The Ray Serve deployments: thin shims that delegate to the plain-Python cores.
+
+Defaults here suit LLM-bound work (a predictor mostly waits on its LM, so it takes many
+concurrent requests); replica counts, autoscaling and actor options belong to the YAML's
+``deployments:`` section, which overrides these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.applications import Starlette
+
+from .cache import CacheLookup, TieredCache
+from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease
+from .http import build_http_app
+from .lmsim import Knobs, SimCore, build_sim_app
+from .predictor import ModelInfoPayload, PredictionPayload, PredictorCore
+from .router import RouterCore
+
+__all__ = ["Cache", "Predictor", "Router", "LMSimulator", "HandlePredictor", "HandleCache"]
+
+
+@serve.deployment(name="Cache", max_ongoing_requests=1000, graceful_shutdown_timeout_s=5)
+class Cache:
+    def __init__(self, config: CacheConfig) -> None:
+        self.core = TieredCache.from_config(config)
+
+    async def get(self, key: str) -> CacheLookup | None:
+        return await self.core.get(key)
+
+    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> bool:
+        return await self.core.set(key, value, ttl_s)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    def check_health(self) -> None:
+        """Healthy while the replica runs: Redis being down is a degraded cache, not a dead one."""
+
+
+@serve.deployment(max_ongoing_requests=128, graceful_shutdown_timeout_s=45)
+class Predictor:
+    """One per model, named after it. ``user_config`` is a ``ProgramRelease``."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.core = PredictorCore(model)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.core.reconfigure(ProgramRelease.model_validate(user_config))
+
+    async def predict(self, inputs: dict[str, Any]) -> PredictionPayload:
+        return await self.core.predict(inputs)
+
+    def info(self) -> ModelInfoPayload:
+        return self.core.info()
+
+    def check_health(self) -> None:
+        """Checks the replica only, never the LM: an LM outage must not become a restart loop."""
+
+
+class HandlePredictor:
+    """``PredictorClient`` over a deployment handle. A replica that died mid-request is
+    retried once (Serve only retries scheduling); the router deadline bounds both tries."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._h = handle
+
+    async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload:
+        try:
+            return await self._h.predict.remote(dict(inputs))
+        except (ActorDiedError, ActorUnavailableError):
+            return await self._h.predict.remote(dict(inputs))
+
+    async def info(self) -> ModelInfoPayload:
+        return await self._h.info.remote()
+
+
+class HandleCache:
+    """``CacheClient`` over the Cache deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self._h = handle
+
+    async def get(self, key: str) -> CacheLookup | None:
+        return await self._h.get.remote(key)
+
+    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool:
+        return await self._h.set.remote(key, value, ttl_s)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._h.stats.remote()
+
+
+@serve.deployment(name="Router", max_ongoing_requests=512, graceful_shutdown_timeout_s=45)
+@serve.ingress()
+class Router:
+    async def __init__(self, args: AppArgs, cache: DeploymentHandle, predictors: dict[str, DeploymentHandle]) -> None:
+        self.core = RouterCore(
+            args, {name: HandlePredictor(h) for name, h in predictors.items()}, HandleCache(cache)
+        )
+        self._refresher = asyncio.get_running_loop().create_task(self.core.refresh_loop())
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return build_http_app(self.core)
+
+
+@serve.deployment(name="LMSimulator", max_ongoing_requests=2000, graceful_shutdown_timeout_s=2)
+@serve.ingress()
+class LMSimulator:
+    def __init__(self, knobs: Knobs) -> None:
+        self.core = SimCore(knobs, models=("sim-qa", "sim-classify", "sim-pipeline"))
+
+    def __serve_build_asgi_app__(self) -> Starlette:
+        return build_sim_app(self.core)

@@ -1,0 +1,155 @@
+"""The HTTP API as a Starlette app over a ``RouterCore``.
+
+Routes: ``POST /v1/predict``, ``GET /v1/models``, ``GET /health`` (liveness),
+``GET /ready`` (every predictor and the cache answer), ``GET /`` (service index).
+
+Admission order on ``POST /v1/predict`` (cheapest first; nothing here touches an LM or a
+breaker): content type (415) -> declared length (413, before reading) -> streamed length
+(413, stops reading at the limit) -> JSON syntax and nesting (400) -> request shape (422
+naming the field) -> the router core.
+
+Every error leaves through ``errors.to_http`` as ``{"error": {code, message, request_id}}``.
+The request id is Serve's (the proxy sets ``x-request-id`` on the request and adds
+``X-Request-ID`` to the response); outside Serve a fresh one is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import __version__
+from .errors import InvalidRequest, to_http
+from .router import RouterCore
+from .schemas import PredictRequest
+
+__all__ = ["build_http_app", "read_json_body"]
+
+logger = logging.getLogger("ray.serve")
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """Read and parse a JSON body of at most ``limit`` bytes, or raise ``InvalidRequest``."""
+    if not _is_json(request.headers.get("content-type", "")):
+        raise InvalidRequest("content type must be application/json", status=415)
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidRequest("invalid Content-Length", status=400)
+        if int(declared) > limit:
+            raise InvalidRequest(f"request body over {limit} bytes", status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # a chunked body with no length is cut off here
+            raise InvalidRequest(f"request body over {limit} bytes", status=413)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise InvalidRequest("request JSON is nested too deeply", status=400) from None
+    except ValueError:
+        raise InvalidRequest("request body is not valid JSON", status=400) from None
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    msg = first.get("msg", "invalid")
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return InvalidRequest(f"field '{loc}': {msg}", status=422, field=loc)
+
+
+class HttpApi:
+    """Bound-method route handlers over a router core."""
+
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def _guard(self, request: Request, handler: Handler) -> Response:
+        request_id = _request_id(request)
+        try:
+            return await handler(request, request_id)
+        except Exception as exc:  # noqa: BLE001 - the one place exceptions become responses
+            status, headers, body = to_http(exc, request_id)
+            if status >= 500 and body["error"]["code"] == "internal":
+                logger.error("request %s failed: %s", request_id, type(exc).__name__, exc_info=exc)
+            return JSONResponse(body, status_code=status, headers=headers)
+
+    async def predict(self, request: Request) -> Response:
+        return await self._guard(request, self._predict)
+
+    async def _predict(self, request: Request, request_id: str) -> Response:
+        raw = await read_json_body(request, self.core.args.limits.max_body_bytes)
+        try:
+            body = PredictRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        outcome = await self.core.predict(body, request_id)
+        return JSONResponse(outcome.body, headers=outcome.headers)
+
+    async def models(self, request: Request) -> Response:
+        async def handler(_: Request, __: str) -> Response:
+            return JSONResponse({"models": await self.core.models()})
+
+        return await self._guard(request, handler)
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        async def handler(_: Request, __: str) -> Response:
+            ok, detail = await self.core.ready()
+            return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
+
+        return await self._guard(request, handler)
+
+    async def index(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "service": self.core.args.service_name,
+                "version": __version__,
+                "models": [m.name for m in self.core.args.models],
+                "links": {
+                    "predict": "POST /v1/predict",
+                    "models": "/v1/models",
+                    "health": "/health",
+                    "ready": "/ready",
+                },
+            }
+        )
+
+
+def build_http_app(core: RouterCore) -> Starlette:
+    api = HttpApi(core)
+    return Starlette(
+        routes=[
+            Route("/v1/predict", api.predict, methods=["POST"]),
+            Route("/v1/models", api.models, methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+            Route("/ready", api.ready, methods=["GET"]),
+            Route("/", api.index, methods=["GET"]),
+        ]
+    )

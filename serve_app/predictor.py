@@ -1,0 +1,211 @@
+"""The predictor core: one DSPy program, its LM, its breaker, and error translation.
+
+Contract of ``PredictorCore.predict(inputs)``:
+- inputs are checked against the program's input fields first (a missing or unknown field
+  is a 422 naming it, with no LM call and no breaker effect);
+- the breaker admits the call or raises ``CircuitOpen`` with the remaining open time;
+- the program runs as ``await program.acall(**inputs)`` inside
+  ``dspy.context(track_usage=True)`` with the model's deadline; the LM is set on the
+  program's predictors explicitly (a loaded state may carry its own LM, which would win over
+  a context LM), never through ``dspy.configure``;
+- the result is plain JSON-safe data: outputs, token usage summed over every LM call of the
+  program, the program version and the latency;
+- every failure leaves as one of our errors (see ``classify``), and only provider-side
+  failures move the breaker. Cancellation releases the breaker permit and propagates.
+
+``reconfigure(release)`` loads a new program state and swaps it in atomically: in-flight
+calls finish on the program they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypedDict
+
+import dspy
+from pydantic_core import to_jsonable_python
+
+from .breaker import BreakerConfig, BreakerOpen, CircuitBreaker, State
+from .classify import classify
+from .config import LMConfig, ModelConfig, ProgramRelease
+from .errors import CircuitOpen, InvalidRequest, ProgramOutputError
+from .metrics import Counters
+from .programs import LoadedProgram, load_program
+
+__all__ = ["PredictorCore", "PredictionPayload", "ModelInfoPayload", "build_lm", "validate_inputs"]
+
+
+class Usage(TypedDict):
+    input_tokens: int
+    output_tokens: int
+
+
+class PredictionPayload(TypedDict):
+    model: str
+    program_version: str
+    outputs: dict[str, Any]
+    usage: Usage
+    latency_ms: float
+
+
+class ModelInfoPayload(TypedDict):
+    name: str
+    description: str
+    program_version: str
+    inputs: list[dict[str, str]]
+    outputs: list[dict[str, str]]
+    lm: dict[str, Any]
+    breaker: dict[str, Any]
+
+
+def build_lm(cfg: LMConfig, env: Mapping[str, str] | None = None) -> dspy.LM:
+    """A ``dspy.LM`` with DSPy's own cache off and bounded retries; the key from ``env``."""
+    env = os.environ if env is None else env
+    kwargs: dict[str, Any] = {}
+    if cfg.api_base:
+        kwargs["api_base"] = cfg.api_base
+    if cfg.api_key_env:
+        key = env.get(cfg.api_key_env)
+        if not key:
+            raise ValueError(f"lm.api_key_env: environment variable {cfg.api_key_env} is not set")
+        kwargs["api_key"] = key
+    elif cfg.api_base:
+        # OpenAI-compatible servers without auth (the simulator, vLLM) still need a value.
+        kwargs["api_key"] = "unused"
+    return dspy.LM(
+        cfg.model,
+        temperature=cfg.temperature,
+        max_tokens=cfg.max_tokens,
+        timeout=cfg.timeout_s,
+        num_retries=cfg.num_retries,
+        cache=False,
+        **kwargs,
+    )
+
+
+def validate_inputs(expected: Iterable[str], inputs: Mapping[str, Any]) -> None:
+    """Raise a 422 naming the first missing or unknown input field."""
+    expected = set(expected)
+    missing = sorted(expected - inputs.keys())
+    if missing:
+        raise InvalidRequest(f"missing input field '{missing[0]}'", status=422, field=f"inputs.{missing[0]}")
+    unknown = sorted(inputs.keys() - expected)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown input field '{unknown[0]}' (expected: {', '.join(sorted(expected))})",
+            status=422,
+            field=f"inputs.{unknown[0]}",
+        )
+
+
+def _sum_usage(prediction: Any) -> Usage:
+    getter = getattr(prediction, "get_lm_usage", None)
+    usage = getter() if callable(getter) else None
+    tin = tout = 0
+    for per_lm in (usage or {}).values():
+        tin += int(per_lm.get("prompt_tokens") or 0)
+        tout += int(per_lm.get("completion_tokens") or 0)
+    return Usage(input_tokens=tin, output_tokens=tout)
+
+
+class PredictorCore:
+    """Plain-Python predictor; the Serve deployment only delegates to it."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        release: ProgramRelease | None = None,
+        *,
+        lm: dspy.BaseLM | None = None,
+        breaker_config: BreakerConfig | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        counters: Counters | None = None,
+        loader: Callable[[str, ProgramRelease], LoadedProgram] = load_program,
+    ) -> None:
+        self.model = model
+        self._clock = clock
+        self._loader = loader
+        self.counters = counters or Counters()
+        self._lm = lm if lm is not None else build_lm(model.lm)
+        self.breaker = CircuitBreaker(
+            breaker_config or BreakerConfig(),
+            on_transition=lambda old, new: self.counters.inc(
+                "breaker_transitions", model=model.name, to=State(new).name.lower()
+            ),
+        )
+        self._program = self._load(release or model.release())
+
+    def _load(self, release: ProgramRelease) -> LoadedProgram:
+        program = self._loader(self.model.program, release)
+        program.module.set_lm(self._lm)
+        return program
+
+    @property
+    def program_version(self) -> str:
+        return self._program.version
+
+    def reconfigure(self, release: ProgramRelease) -> None:
+        """Load ``release`` and swap it in; on failure the old program keeps serving."""
+        self._program = self._load(release)
+
+    def info(self) -> ModelInfoPayload:
+        p = self._program
+        return ModelInfoPayload(
+            name=self.model.name,
+            description=self.model.description,
+            program_version=p.version,
+            inputs=[f.as_dict() for f in p.inputs],
+            outputs=[f.as_dict() for f in p.outputs],
+            lm={"model": self.model.lm.model, **self.model.lm.cache_identity()},
+            breaker=self.breaker.snapshot(),
+        )
+
+    async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload:
+        program = self._program  # pin: a concurrent reconfigure must not change this call
+        validate_inputs(program.input_names, inputs)
+        try:
+            permit = self.breaker.acquire()
+        except BreakerOpen as exc:
+            raise CircuitOpen(
+                f"model '{self.model.name}' is failing; calls are paused", retry_after_s=exc.retry_after_s
+            ) from None
+        started = self._clock()
+        with permit:  # exits without an outcome (cancellation, bugs) release the permit
+            try:
+                async with asyncio.timeout(self.model.timeout_s):
+                    with dspy.context(track_usage=True, disable_history=True):
+                        prediction = await program.module.acall(**inputs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below, nothing escapes raw
+                result = classify(exc, self.model.name)
+                if result.counts_as_failure:
+                    permit.failure(result.retry_after_s)
+                else:
+                    permit.release()
+                raise result.error from None
+            permit.success()
+        outputs = self._outputs(program, prediction)
+        return PredictionPayload(
+            model=self.model.name,
+            program_version=program.version,
+            outputs=outputs,
+            usage=_sum_usage(prediction),
+            latency_ms=round((self._clock() - started) * 1000.0, 3),
+        )
+
+    def _outputs(self, program: LoadedProgram, prediction: Any) -> dict[str, Any]:
+        names = [f.name for f in program.outputs] or list(prediction.keys())
+        out: dict[str, Any] = {}
+        for name in names:
+            try:
+                value = prediction[name]
+            except (KeyError, AttributeError):
+                raise ProgramOutputError(
+                    f"model '{self.model.name}' program returned no '{name}' output"
+                ) from None
+            out[name] = to_jsonable_python(value, fallback=str)
+        return out

@@ -1,0 +1,258 @@
+"""The router core: admission, cache-through, coalescing, and the prediction answer.
+
+Plain Python: the Router deployment hands it clients for the predictors and the cache
+(handles in production, fakes in unit tests) and a clock.
+
+Contract of ``RouterCore.predict(request, request_id)``:
+- unknown model -> 404; inputs checked against the model's input fields before any hop
+  (422 naming the field, no LM call);
+- ``cache: false`` (or a disabled cache) goes straight to the predictor (``X-Cache: BYPASS``);
+- otherwise the cache is asked within ``cache.timeout_s``; a slow or failing cache is a miss
+  plus a counter, never a failed request;
+- identical concurrent misses share one predictor call (``SingleFlight``);
+- a successful prediction is written back in the background, under the key of the program
+  version that actually answered; errors are never cached;
+- the whole call has the router deadline (``limits.request_timeout_s``).
+
+The program version used in cache keys comes from each predictor's ``info()``, refreshed
+every ``info_refresh_s`` and immediately whenever a prediction reports a newer version.
+After a hot swap, a lookup may use the old version for at most one refresh interval; the
+answer then carries the old version in ``program_version``, so it is labelled honestly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+from .cache import CacheLookup, cache_key
+from .config import AppArgs, ModelConfig
+from .errors import Overloaded, UnknownModel, UpstreamTimeout
+from .metrics import Counters
+from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
+from .schemas import CacheStatus, PredictRequest
+from .singleflight import SingleFlight
+
+__all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
+
+DEFAULT_VARIANT = "default"
+
+
+class PredictorClient(Protocol):
+    async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload: ...
+    async def info(self) -> ModelInfoPayload: ...
+
+
+class CacheClient(Protocol):
+    async def get(self, key: str) -> CacheLookup | None: ...
+    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool: ...
+    async def stats(self) -> dict[str, Any]: ...
+
+
+class PredictOutcome:
+    """A finished prediction: the JSON body and the headers to send with it."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self.body = body
+        self.headers = headers
+
+
+class RouterCore:
+    def __init__(
+        self,
+        args: AppArgs,
+        predictors: Mapping[str, PredictorClient],
+        cache: CacheClient | None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        counters: Counters | None = None,
+        info_refresh_s: float = 1.0,
+        info_timeout_s: float = 5.0,
+    ) -> None:
+        self.args = args
+        self._predictors = dict(predictors)
+        self._cache = cache if args.cache.enabled else None
+        self._clock = clock
+        self.counters = counters or Counters()
+        self._info: dict[str, ModelInfoPayload] = {}
+        self._info_refresh_s = info_refresh_s
+        self._info_timeout_s = info_timeout_s
+        self._flight: SingleFlight[PredictionPayload] = SingleFlight()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---- model directory -------------------------------------------------------------
+
+    async def refresh_info(self, name: str) -> ModelInfoPayload:
+        """Fetch one predictor's info (version, fields) and remember it."""
+        try:
+            async with asyncio.timeout(self._info_timeout_s):
+                info = await self._predictors[name].info()
+        except TimeoutError:
+            raise Overloaded(f"model '{name}' is not answering yet", retry_after_s=1.0) from None
+        self._info[name] = info
+        return info
+
+    async def model_info(self, name: str) -> ModelInfoPayload:
+        info = self._info.get(name)
+        return info if info is not None else await self.refresh_info(name)
+
+    async def refresh_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Keep every model's info fresh; never raises (a failed refresh keeps the old info)."""
+        while True:
+            for name in self._predictors:
+                try:
+                    await self.refresh_info(name)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - a predictor down now is retried next tick
+                    self.counters.inc("info_refresh_errors", model=name)
+            await sleep(self._info_refresh_s)
+
+    # ---- predictions -----------------------------------------------------------------
+
+    def _model(self, name: str) -> ModelConfig:
+        model = self.args.model(name)
+        if model is None or name not in self._predictors:
+            raise UnknownModel(f"unknown model '{name}'")
+        return model
+
+    def _key(self, model: ModelConfig, version: str, inputs: Mapping[str, Any]) -> str:
+        return cache_key(
+            self.args.cache.key_prefix, model.name, DEFAULT_VARIANT, version, model.lm.cache_identity(), inputs
+        )
+
+    async def predict(self, request: PredictRequest, request_id: str) -> PredictOutcome:
+        started = self._clock()
+        model = self._model(request.model)
+        try:
+            async with asyncio.timeout(self.args.limits.request_timeout_s):
+                payload, status = await self._predict(model, request)
+        except TimeoutError:
+            raise UpstreamTimeout(f"model '{model.name}' did not answer within the request deadline") from None
+        cached = status.startswith("HIT")
+        latency_ms = round((self._clock() - started) * 1000.0, 3)
+        body = {
+            "request_id": request_id,
+            "model": model.name,
+            "variant": DEFAULT_VARIANT,
+            "program_version": payload["program_version"],
+            "outputs": payload["outputs"],
+            "cached": cached,
+            # A hit spent no tokens: usage is what THIS request cost.
+            "usage": {"input_tokens": 0, "output_tokens": 0} if cached else payload["usage"],
+            "latency_ms": latency_ms,
+        }
+        self.counters.inc("predictions", model=model.name, cache=status)
+        headers = {
+            "X-Cache": status,
+            "X-Model-Variant": DEFAULT_VARIANT,
+            "X-Response-Time": f"{latency_ms:.1f}ms",
+        }
+        return PredictOutcome(body, headers)
+
+    async def _predict(self, model: ModelConfig, request: PredictRequest) -> tuple[PredictionPayload, CacheStatus]:
+        info = await self.model_info(model.name)
+        validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
+        if self._cache is None or not request.cache:
+            return await self._call_predictor(model, request.inputs, store=False), "BYPASS"
+        key = self._key(model, info["program_version"], request.inputs)
+        hit = await self._cache_get(key)
+        if hit is not None:
+            return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS"
+        payload, _shared = await self._flight.do(key, lambda: self._call_predictor(model, request.inputs, store=True))
+        return payload, "MISS"
+
+    async def _call_predictor(self, model: ModelConfig, inputs: Mapping[str, Any], *, store: bool) -> PredictionPayload:
+        payload = await self._predictors[model.name].predict(inputs)
+        known = self._info.get(model.name)
+        if known is not None and known["program_version"] != payload["program_version"]:
+            # The predictor was reconfigured: learn the new version now, not at next refresh.
+            self._spawn(self._refresh_quietly(model.name))
+        if store and self._cache is not None:
+            key = self._key(model, payload["program_version"], inputs)
+            self._spawn(self._cache_set(key, dict(payload), model.cache_ttl_s))
+        return payload
+
+    # ---- cache access: bounded, never raising -----------------------------------------
+
+    async def _cache_get(self, key: str) -> CacheLookup | None:
+        assert self._cache is not None
+        try:
+            async with asyncio.timeout(self.args.cache.timeout_s):
+                return await self._cache.get(key)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a cache failure is a miss plus a counter
+            self.counters.inc("cache_client_errors", op="get")
+            return None
+
+    async def _cache_set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> None:
+        assert self._cache is not None
+        try:
+            async with asyncio.timeout(max(1.0, self.args.cache.timeout_s)):
+                await self._cache.set(key, value, ttl_s)
+        except Exception:  # noqa: BLE001 - a failed write is only a future miss
+            self.counters.inc("cache_client_errors", op="set")
+
+    async def _refresh_quietly(self, name: str) -> None:
+        try:
+            await self.refresh_info(name)
+        except Exception:  # noqa: BLE001 - the refresh loop tries again
+            self.counters.inc("info_refresh_errors", model=name)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background writes and refreshes (tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # ---- other endpoints -------------------------------------------------------------
+
+    async def models(self) -> list[dict[str, Any]]:
+        out = []
+        for model in self.args.models:
+            info = await self.model_info(model.name)
+            out.append(
+                {
+                    "name": model.name,
+                    "description": model.description,
+                    "program_version": info["program_version"],
+                    "inputs": info["inputs"],
+                    "outputs": info["outputs"],
+                    "lm": {"model": model.lm.model},
+                }
+            )
+        return out
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ask every predictor and the cache; ``(all answered, detail)``."""
+        detail: dict[str, Any] = {"models": {}, "cache": None}
+        ok = True
+        for name in self._predictors:
+            try:
+                info = await self.refresh_info(name)
+                detail["models"][name] = {
+                    "ready": True,
+                    "program_version": info["program_version"],
+                    "breaker": info["breaker"].get("state"),
+                }
+            except Exception as exc:  # noqa: BLE001 - readiness reports, never raises
+                ok = False
+                detail["models"][name] = {"ready": False, "error": type(exc).__name__}
+        if self._cache is not None:
+            try:
+                async with asyncio.timeout(self._info_timeout_s):
+                    detail["cache"] = {"ready": True, **(await self._cache.stats())}
+            except Exception as exc:  # noqa: BLE001
+                ok = False
+                detail["cache"] = {"ready": False, "error": type(exc).__name__}
+        return ok, detail
+
