@@ -5,7 +5,7 @@ model's circuit breaker:
 
 | raised by the call                                   | client sees            | breaker  |
 |------------------------------------------------------|------------------------|----------|
-| our deadline, ``LMTimeoutError``                     | 504 upstream_timeout   | failure  |
+| our deadline, ``LMTimeoutError``, a transport timeout | 504 upstream_timeout  | failure  |
 | ``LMRateLimitError`` (provider 429)                  | 503 overloaded + R-A   | failure, open >= Retry-After |
 | ``LMServerError`` (5xx, 529), ``LMTransportError``,  | 502 upstream_error     | failure  |
 | ``LMAuthError``, other provider/unexpected LM errors |                        |          |
@@ -30,6 +30,7 @@ from dspy.utils.exceptions import (
     LMInvalidRequestError,
     LMRateLimitError,
     LMTimeoutError,
+    LMTransportError,
 )
 
 from .errors import (
@@ -56,7 +57,7 @@ def classify(exc: BaseException, model: str) -> Classified:
     """Map an exception raised while running ``model``'s program. Never raises."""
     if isinstance(exc, ServeAppError):
         return Classified(exc, counts_as_failure=False)
-    if isinstance(exc, TimeoutError | LMTimeoutError):
+    if isinstance(exc, TimeoutError | LMTimeoutError) or _transport_timeout(exc):
         return Classified(UpstreamTimeout(f"model '{model}' did not answer in time"), True)
     if isinstance(exc, LMRateLimitError):
         retry = _positive(exc.retry_after)
@@ -76,6 +77,12 @@ def classify(exc: BaseException, model: str) -> Classified:
     if isinstance(exc, LMError):
         return Classified(UpstreamError(f"model '{model}' provider failed"), True)
     return Classified(InternalError(f"model '{model}' program failed"), False)
+
+
+def _transport_timeout(exc: BaseException) -> bool:
+    # DSPy's native engine reports its client timeout as a transport error ("read timed
+    # out"), not as LMTimeoutError; to the client it is a timeout all the same.
+    return isinstance(exc, LMTransportError) and "timed out" in str(exc).lower()
 
 
 def _positive(value: object) -> float | None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from serve_app.lmsim.app import build_sim_app
-from serve_app.lmsim.core import Knobs, KnobError, SimCore, validate_knobs
+from serve_app.lmsim.core import KnobError, Knobs, SimCore, validate_knobs
 
 _EPILOG = """knobs (also settable at run time: PUT /admin/knobs with a JSON partial, optional "model"):
   latency-ms      fixed delay before every answer (default 0)

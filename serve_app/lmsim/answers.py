@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Mapping, Sequence
@@ -141,13 +142,14 @@ def parse_request(body: Mapping[str, Any]) -> ParsedPrompt:
             props = rf_schema.get("properties") or {}
             outputs = tuple(OutputField(k, "", _with_defs(v, rf_schema)) for k, v in props.items())
             return _finish("json", {"prompt": user}, outputs, prompt_text)
-        return _finish("plain", {"messages": prompt_text}, (), prompt_text)
+        # The whole conversation decides the answer; the last user turn is what it talks about.
+        return _finish("plain", {"prompt": user, "conversation": prompt_text}, (), prompt_text)
     outputs = tuple(
         OutputField(n, declared.get(n, "str"), field_schema(declared.get(n, "str"), notes.get(n)))
         for n in names
     )
     is_json = (
-        isinstance(response_format, Mapping)
+        (isinstance(response_format, Mapping) and response_format.get("type") in ("json_object", "json_schema"))
         or _JSON_TRAILER in user
         or (_JSON_STRUCTURE in system and _CHAT_TRAILER not in user)
     )
@@ -164,9 +166,9 @@ def answer(body: Mapping[str, Any]) -> Answer:
 
 def render(parsed: ParsedPrompt) -> str:
     """Reply text for an already parsed prompt."""
-    topic = _topic(parsed.inputs)
     if parsed.kind == "plain":
-        return f"Simulated reply about {topic} [{parsed.digest[:8]}]."
+        return f"Simulated reply about {_topic({'prompt': parsed.inputs['prompt']})} [{parsed.digest[:8]}]."
+    topic = _topic(parsed.inputs)
     values = {
         f.name: generate(f.schema, random.Random(_seed(parsed.digest, f.name)), name=f.name, topic=topic)
         for f in parsed.outputs
@@ -288,11 +290,12 @@ def _response_format_schema(response_format: Any) -> dict[str, Any] | None:
 
 
 def _with_defs(sub: Any, root: Mapping[str, Any]) -> dict[str, Any]:
-    sub = dict(sub) if isinstance(sub, Mapping) else {}
+    """``sub`` plus the root's definitions, so its ``$ref``s still resolve on their own."""
+    out: dict[str, Any] = dict(sub) if isinstance(sub, Mapping) else {}
     for key in ("$defs", "definitions"):
         if key in root:
-            sub.setdefault(key, root[key])
-    return sub
+            out.setdefault(key, root[key])
+    return out
 
 
 def _topic(inputs: Mapping[str, str]) -> str:
@@ -407,13 +410,21 @@ def generate(schema: Any, rng: random.Random, *, name: str, topic: str, root: An
     if kind == "boolean":
         return rng.random() < 0.5
     if kind == "integer":
-        lo = int(schema.get("minimum", schema.get("exclusiveMinimum", -1) + 1))
-        hi = int(schema.get("maximum", schema.get("exclusiveMaximum", lo + 101) - 1))
-        return rng.randint(lo, max(lo, hi))
+        if "minimum" in schema:
+            low_i = math.ceil(schema["minimum"])
+        else:
+            low_i = math.floor(schema.get("exclusiveMinimum", -1)) + 1
+        if "maximum" in schema:
+            high_i = math.floor(schema["maximum"])
+        else:
+            high_i = math.ceil(schema.get("exclusiveMaximum", low_i + 101)) - 1
+        return rng.randint(low_i, max(low_i, high_i))
     if kind == "number":
-        lo = float(schema.get("minimum", schema.get("exclusiveMinimum", 0.0)))
-        hi = float(schema.get("maximum", schema.get("exclusiveMaximum", lo + 1.0)))
-        return round(rng.uniform(lo, hi), 3) if hi > lo else lo
+        low_f = float(schema.get("minimum", schema.get("exclusiveMinimum", 0.0)))
+        high_f = float(schema.get("maximum", schema.get("exclusiveMaximum", low_f + 1.0)))
+        # Stay strictly inside the range (pydantic gt/lt become exclusive bounds) after rounding.
+        margin = (high_f - low_f) * 0.01
+        return round(rng.uniform(low_f + margin, high_f - margin), 3) if high_f > low_f else low_f
     if kind == "array":
         low, high = int(schema.get("minItems", 1)), int(schema.get("maxItems", 3))
         count = rng.randint(min(low, high), max(low, high)) if depth < 4 else low

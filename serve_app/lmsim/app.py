@@ -18,6 +18,7 @@ Handlers only translate HTTP to ``SimCore`` calls; behaviour lives in the core.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -106,7 +107,7 @@ def build_sim_app(core: SimCore | None = None) -> Starlette:
     return app
 
 
-def _disconnect_waiter(request: Request):
+def _disconnect_waiter(request: Request) -> Callable[[], Awaitable[None]]:
     """A coroutine factory that returns once the client disconnects.
 
     After the body is read, the ASGI server's next ``receive`` message is ``http.disconnect``;
@@ -132,4 +133,5 @@ async def _json_object(request: Request) -> dict[str, Any] | None:
 
 
 def _knob_error(message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_knobs", "code": "invalid_knobs"}}, status_code=422)
+    body = {"error": {"message": message, "type": "invalid_knobs", "code": "invalid_knobs"}}
+    return JSONResponse(body, status_code=422)

@@ -51,15 +51,15 @@ class Knobs(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    latency_ms: float = Field(0.0, ge=0, description="fixed delay added to every answered call")
-    jitter_ms: float = Field(0.0, ge=0, description="uniform extra delay in [0, jitter_ms]")
-    error_rate: float = Field(0.0, ge=0, le=1, description="probability of an HTTP error reply")
-    error_status: Literal[429, 500, 503, 529] = Field(500, description="status of injected errors")
-    retry_after_s: float | None = Field(None, ge=0, description="Retry-After sent with 429/503")
-    hang_rate: float = Field(0.0, ge=0, le=1, description="probability a call hangs")
-    hang_s: float = Field(3600.0, gt=0, description="a hang ends (504) after this, or on disconnect")
-    malformed_rate: float = Field(0.0, ge=0, le=1, description="probability of an unparseable 200 reply")
-    seed: int = Field(0, description="seeds the per-model outcome/jitter RNG")
+    latency_ms: float = Field(default=0.0, ge=0, description="fixed delay added to every answered call")
+    jitter_ms: float = Field(default=0.0, ge=0, description="uniform extra delay in [0, jitter_ms]")
+    error_rate: float = Field(default=0.0, ge=0, le=1, description="probability of an HTTP error reply")
+    error_status: Literal[429, 500, 503, 529] = Field(default=500, description="status of injected errors")
+    retry_after_s: float | None = Field(default=None, ge=0, description="Retry-After sent with 429/503")
+    hang_rate: float = Field(default=0.0, ge=0, le=1, description="probability a call hangs")
+    hang_s: float = Field(default=3600.0, gt=0, description="a hang ends (504) after this, or on disconnect")
+    malformed_rate: float = Field(default=0.0, ge=0, le=1, description="probability of an unparseable 200 reply")
+    seed: int = Field(default=0, description="seeds the per-model outcome/jitter RNG")
 
 
 KNOB_NAMES: tuple[str, ...] = tuple(Knobs.model_fields)
@@ -209,8 +209,8 @@ class SimCore:
         rng_factory: RngFactory = _default_rng,
     ) -> None:
         self._initial = knobs if isinstance(knobs, Knobs) else validate_knobs(knobs or {})
-        self._defaults = self._initial
-        self._overrides: dict[str, dict[str, Any]] = {}
+        # (defaults, raw per-model overrides, effective per-model knobs), swapped as one object.
+        self._state: tuple[Knobs, dict[str, dict[str, Any]], dict[str, Knobs]] = (self._initial, {}, {})
         self._rngs: dict[tuple[str, int], random.Random] = {}
         self._lock = threading.Lock()
         self._clock, self._sleep, self._rng_factory = clock, sleep, rng_factory
@@ -223,29 +223,27 @@ class SimCore:
     @property
     def knobs(self) -> Knobs:
         """The default knobs (models without an override use these)."""
-        return self._defaults
+        return self._state[0]
 
     def knobs_for(self, model: str | None) -> Knobs:
         """Effective knobs for ``model``: defaults updated by its partial override, if any."""
-        defaults, override = self._defaults, self._overrides.get(model or "")
-        return defaults if not override else validate_knobs({**defaults.model_dump(), **override})
+        # One dict lookup per call: effective sets are precomputed whenever knobs change.
+        defaults, _, effective = self._state
+        return effective.get(model, defaults) if model is not None else defaults
 
     def set_knobs(self, model: str | None = None, **partial: Any) -> Knobs:
         """Update knobs for ``model`` (``None``: the defaults) and return its effective knobs.
 
-        Validates the whole resulting set first; on error nothing changes. A model override is
+        Validates the whole resulting state first; on error nothing changes. A model override is
         partial: knobs it does not name keep following the defaults.
         """
         with self._lock:
+            defaults, overrides, _ = self._state
             if model is None:
-                new = validate_knobs({**self._defaults.model_dump(), **partial})
-                for name, override in self._overrides.items():  # keep every override valid
-                    validate_knobs({**new.model_dump(), **override})
-                self._defaults = new
+                defaults = validate_knobs({**defaults.model_dump(), **partial})
             else:
-                merged = {**self._overrides.get(model, {}), **partial}
-                validate_knobs({**self._defaults.model_dump(), **merged})
-                self._overrides = {**self._overrides, model: merged}
+                overrides = {**overrides, model: {**overrides.get(model, {}), **partial}}
+            self._install(defaults, overrides)
             if "seed" in partial:
                 self._rngs.clear()
             return self.knobs_for(model)
@@ -253,25 +251,31 @@ class SimCore:
     def reset_knobs(self, model: str | None = None) -> None:
         """Drop ``model``'s override, or (``None``) restore construction-time defaults and drop all."""
         with self._lock:
+            defaults, overrides, _ = self._state
             if model is None:
-                self._defaults, self._overrides = self._initial, {}
+                self._install(self._initial, {})
             else:
-                self._overrides = {k: v for k, v in self._overrides.items() if k != model}
+                self._install(defaults, {k: v for k, v in overrides.items() if k != model})
             self._rngs.clear()
+
+    def _install(self, defaults: Knobs, overrides: dict[str, dict[str, Any]]) -> None:
+        """Validate every effective set, then swap state in (readers never see a mix)."""
+        effective = {m: validate_knobs({**defaults.model_dump(), **o}) for m, o in overrides.items()}
+        self._state = (defaults, overrides, effective)
 
     def knobs_snapshot(self) -> dict[str, Any]:
         """JSON-ready view: defaults, raw per-model overrides, and their effective knob sets."""
-        overrides = dict(self._overrides)
+        defaults, overrides, effective = self._state
         return {
-            "defaults": self._defaults.model_dump(),
+            "defaults": defaults.model_dump(),
             "overrides": {m: dict(v) for m, v in overrides.items()},
-            "effective": {m: self.knobs_for(m).model_dump() for m in overrides},
+            "effective": {m: k.model_dump() for m, k in effective.items()},
         }
 
     def list_models(self) -> list[str]:
         """Configured model names, plus any with an override or seen in the ledger."""
         seen = [m for m in self.ledger.summary()["by_model"] if m]
-        return list(dict.fromkeys([*self._models, *self._overrides, *seen]))
+        return list(dict.fromkeys([*self._models, *self._state[1], *seen]))
 
     # ------------------------------------------------------------------ calls
 

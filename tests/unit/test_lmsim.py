@@ -14,9 +14,17 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import dspy
+import httpx
+import pydantic
 import pytest
+import uvicorn
+from dspy.utils.exceptions import AdapterParseError, LMRateLimitError, LMServerError, LMTransportError
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
-from serve_app.lmsim import (  # imported before dspy: serve_app pins litellm/dspy metadata offline
+# Importing serve_app also pins litellm/DSPy model metadata to their bundled offline copies.
+from serve_app.lmsim import (
     KNOB_NAMES,
     KnobError,
     Knobs,
@@ -27,14 +35,6 @@ from serve_app.lmsim import (  # imported before dspy: serve_app pins litellm/ds
     parse_request,
     prompt_hash,
 )
-
-import dspy  # noqa: E402
-import httpx  # noqa: E402
-import pydantic  # noqa: E402
-import uvicorn  # noqa: E402
-from dspy.utils.exceptions import AdapterParseError, LMRateLimitError, LMServerError  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
-from starlette.routing import Mount  # noqa: E402
 
 # ----------------------------------------------------------------------------- signatures
 
@@ -283,7 +283,11 @@ async def test_per_model_override_and_reset() -> None:
 
 @pytest.mark.parametrize(
     "bad,needle",
-    [({"error_rate": 1.5}, "error_rate"), ({"bogus": 1}, "unknown knob 'bogus'"), ({"error_status": 404}, "error_status")],
+    [
+        ({"error_rate": 1.5}, "error_rate"),
+        ({"bogus": 1}, "unknown knob 'bogus'"),
+        ({"error_status": 404}, "error_status"),
+    ],
 )
 def test_invalid_knobs_rejected_without_change(bad: dict[str, Any], needle: str) -> None:
     core, _ = make_core(latency_ms=3)
@@ -382,13 +386,14 @@ async def test_app_works_under_a_prefix(how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sim_server() -> Iterator[tuple[SimCore, str]]:
+def sim_server() -> Iterator[tuple[SimCore, str, uvicorn.Server]]:
     """A real loopback server (DSPy's engine cannot take an in-process transport)."""
     core = SimCore()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_sim_app(core), log_level="warning", access_log=False))
+    config = uvicorn.Config(build_sim_app(core), log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -396,7 +401,7 @@ def sim_server() -> Iterator[tuple[SimCore, str]]:
         time.sleep(0.01)
     assert server.started, "lmsim test server did not start"
     try:
-        yield core, f"http://127.0.0.1:{port}/v1"
+        yield core, f"http://127.0.0.1:{port}/v1", server
     finally:
         server.should_exit = True
         thread.join(timeout=5)
@@ -404,8 +409,8 @@ def sim_server() -> Iterator[tuple[SimCore, str]]:
 
 
 @pytest.fixture()
-def sim_lm(sim_server: tuple[SimCore, str]) -> Iterator[tuple[SimCore, dspy.LM]]:
-    core, url = sim_server
+def sim_lm(sim_server: tuple[SimCore, str, uvicorn.Server]) -> Iterator[tuple[SimCore, dspy.LM]]:
+    core, url, _ = sim_server
     core.reset_knobs()
     core.ledger.clear()
     yield core, dspy.LM("openai/sim-model", api_base=url, api_key="sim", cache=False, num_retries=0)
@@ -451,3 +456,19 @@ def test_e2e_errors_surface_as_dspy_exceptions(sim_lm: tuple[SimCore, dspy.LM]) 
         dspy.Predict("question -> answer")(question="q")
     # ChatAdapter retries a parse failure once through JSONAdapter: two calls.
     assert core.ledger.summary()["by_outcome"] == {"error:429": 1, "error:529": 1, "malformed": 2}
+
+
+def test_e2e_hang_ends_on_client_timeout(sim_server: tuple[SimCore, str, uvicorn.Server]) -> None:
+    core, url, server = sim_server
+    core.reset_knobs()
+    core.set_knobs(hang_rate=1.0)  # hang_s stays 3600: only the client's disconnect can end it
+    lm = dspy.LM("openai/sim-model", api_base=url, api_key="sim", cache=False, num_retries=0, timeout=0.3)
+    try:
+        with dspy.context(lm=lm), pytest.raises(LMTransportError, match="timed out"):
+            dspy.Predict("question -> answer")(question="q")
+        deadline = time.monotonic() + 3
+        while server.server_state.tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.server_state.tasks, "the hung handler outlived its client"
+    finally:
+        core.reset_knobs()

@@ -1,0 +1,65 @@
+# serve_app: the README's two quickstart commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= serve_config.yaml
+RAY_HEAD_ARGS ?= --head --num-cpus 2 --dashboard-host 127.0.0.1 --dashboard-port 8265 --metrics-export-port 8080 --disable-usage-stats
+export RAY_USAGE_STATS_ENABLED := 0
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: install install-test redis-server run deploy status stop test test-unit test-integration clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# The integration tests start their own redis-server: install Debian's package if missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+## make run: install, start a local Ray head (dashboard :8265, metrics :8080), deploy CONFIG,
+## wait until ready and show one prediction per model. Offline: the LM simulator answers.
+run: install
+	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start $(RAY_HEAD_ARGS)
+	$(BIN)/serve deploy $(CONFIG)
+	$(BIN)/python -m serve_app.cli wait-ready --timeout-s 300
+	$(BIN)/python -m serve_app.cli demo
+	@echo "Serving on http://127.0.0.1:8000 (Ray dashboard: http://127.0.0.1:8265). Stop with: make stop"
+
+deploy: install
+	$(BIN)/serve deploy $(CONFIG)
+
+status:
+	$(BIN)/serve status
+
+stop:
+	-$(BIN)/serve shutdown -y
+	-$(BIN)/ray stop
+
+## make test: install what the tests need (venv, redis-server) and run unit + integration tests.
+test: install-test redis-server
+	$(BIN)/python -m pytest tests -q -rs
+
+test-unit: install-test
+	$(BIN)/python -m pytest tests/unit -q
+
+test-integration: install-test redis-server
+	$(BIN)/python -m pytest tests/integration -q -rs
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
