@@ -32,6 +32,7 @@ __all__ = [
     "canonical_json",
     "encode_value",
     "decode_value",
+    "decode_envelope",
     "MemoryTier",
     "RedisTier",
     "TieredCache",
@@ -80,19 +81,31 @@ def cache_key(
     return f"{prefix}:p:{model}:{variant}:{program_version}:{digest}"
 
 
-def encode_value(value: Mapping[str, Any]) -> bytes:
-    return canonical_json({"v": SCHEMA_VERSION, "value": dict(value)}).encode()
+def encode_value(value: Mapping[str, Any], expires_at: float | None = None) -> bytes:
+    """The stored envelope; ``exp`` (wall-clock seconds) lets another replica that promotes the
+    value to its memory tier keep the original expiry instead of starting a fresh one."""
+    envelope: dict[str, Any] = {"v": SCHEMA_VERSION, "value": dict(value)}
+    if expires_at is not None:
+        envelope["exp"] = round(expires_at, 3)
+    return canonical_json(envelope).encode()
+
+
+def decode_envelope(raw: bytes | str) -> tuple[dict[str, Any], float | None] | None:
+    """``(value, expires_at)``, or None for anything that is not our current envelope."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION or not isinstance(obj.get("value"), dict):
+        return None
+    exp = obj.get("exp")
+    return obj["value"], float(exp) if isinstance(exp, int | float) else None
 
 
 def decode_value(raw: bytes | str) -> dict[str, Any] | None:
     """The stored value, or None for anything that is not our current envelope."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION or not isinstance(obj.get("value"), dict):
-        return None
-    return obj["value"]
+    decoded = decode_envelope(raw)
+    return None if decoded is None else decoded[0]
 
 
 class CacheLookup(dict):  # type: ignore[type-arg]
@@ -122,14 +135,16 @@ class MemoryTier:
         self._data.move_to_end(key)
         return value
 
-    def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> None:
-        if self._max <= 0:
-            return
+    def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> bool:
+        """Store for ``min(ttl_s, tier TTL)``; False when the tier is off or the TTL is spent."""
         ttl = self._ttl if ttl_s is None else min(ttl_s, self._ttl)
+        if self._max <= 0 or ttl <= 0:
+            return False
         self._data[key] = (self._clock() + ttl, value)
         self._data.move_to_end(key)
         while len(self._data) > self._max:
             self._data.popitem(last=False)
+        return True
 
     def clear(self) -> None:
         self._data.clear()
@@ -144,21 +159,25 @@ class RedisClient(Protocol):
 
 
 def redis_from_url(url: str, socket_timeout_s: float, connect_timeout_s: float) -> RedisClient:
-    """A redis-py asyncio client with short timeouts and NO retries.
+    """A redis-py asyncio client with short timeouts and no retry of timeouts.
 
     redis-py's defaults (no socket timeout, retries with backoff) would hold a request for
-    a minute on a hung server; here one attempt, bounded, and the breaker does the rest.
-    TLS (``rediss://``), passwords and ACL users come from the URL.
+    a minute on a hung server. Here a timeout is final (the breaker does the rest), and a
+    connection error is retried once at once: after a Redis restart every pooled connection
+    is stale, and one immediate reconnect turns that into a hit instead of a miss (against
+    a dead server the reconnect is refused in microseconds). TLS (``rediss://``), passwords
+    and ACL users come from the URL.
     """
     import redis.asyncio as aredis
     from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.retry import Retry
 
     return aredis.Redis.from_url(
         url,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=connect_timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         retry_on_timeout=False,
         health_check_interval=0,
         max_connections=256,
@@ -206,24 +225,28 @@ class RedisTier:
             permit.success()
             return True, result
 
-    async def get(self, key: str) -> dict[str, Any] | None:
+    async def get(self, key: str) -> tuple[dict[str, Any], float | None] | None:
+        """``(value, expires_at)`` on a hit."""
         ok, raw = await self._call("get", lambda: self._client.get(key))
         if not ok:
             return None
         if raw is None:
             self._counters.inc("cache_ops", tier="redis", op="get", result="miss")
             return None
-        value = decode_value(raw)
-        if value is None:
+        decoded = decode_envelope(raw)
+        if decoded is None:
             self._counters.inc("cache_ops", tier="redis", op="get", result="corrupt")
             return None
         self._counters.inc("cache_ops", tier="redis", op="get", result="hit")
-        return value
+        return decoded
 
-    async def set(self, key: str, payload: bytes, ttl_s: float | None = None) -> bool:
-        ttl = self._ttl if ttl_s is None else ttl_s
-        # Jitter spreads the expiry of keys written together (no synchronized stampede).
-        px = max(1, int(ttl * (1.0 + self._jitter * self._rand()) * 1000))
+    def ttl_for(self, ttl_s: float | None) -> float:
+        """This write's TTL: the model's or the tier's, with up to ``ttl_jitter`` added so keys
+        written together do not expire together (no synchronized stampede)."""
+        return (self._ttl if ttl_s is None else ttl_s) * (1.0 + self._jitter * self._rand())
+
+    async def set(self, key: str, payload: bytes, ttl_s: float) -> bool:
+        px = max(1, int(ttl_s * 1000))
         ok, _ = await self._call("set", lambda: self._client.set(key, payload, px=px))
         if ok:
             self._counters.inc("cache_ops", tier="redis", op="set", result="ok")
@@ -239,11 +262,19 @@ class RedisTier:
 class TieredCache:
     """Memory first, then Redis (a Redis hit is promoted to memory). Never raises."""
 
-    def __init__(self, config: CacheConfig, memory: MemoryTier, redis: RedisTier | None, counters: Counters) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        memory: MemoryTier,
+        redis: RedisTier | None,
+        counters: Counters,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._config = config
         self.memory = memory
         self.redis = redis
         self.counters = counters
+        self._wall = wall  # absolute expiries are shared across replicas: wall-clock time
         self._pending: set[asyncio.Task[Any]] = set()
 
     @classmethod
@@ -255,6 +286,7 @@ class TieredCache:
         redis_client: RedisClient | None = None,
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> "TieredCache":
         import os
 
@@ -271,7 +303,7 @@ class TieredCache:
             redis_tier = RedisTier(
                 redis_client, ttl_s=config.redis_ttl_s, call_timeout_s=config.timeout_s, counters=counters, clock=clock
             )
-        return cls(config, memory, redis_tier, counters)
+        return cls(config, memory, redis_tier, counters, wall)
 
     async def get(self, key: str) -> CacheLookup | None:
         value = self.memory.get(key)
@@ -281,22 +313,27 @@ class TieredCache:
         self.counters.inc("cache_ops", tier="memory", op="get", result="miss")
         if self.redis is None:
             return None
-        value = await self.redis.get(key)
-        if value is None:
+        found = await self.redis.get(key)
+        if found is None:
             return None
-        self.memory.set(key, value)
+        value, expires_at = found
+        # Promote for no longer than the value has left in Redis.
+        remaining = None if expires_at is None else expires_at - self._wall()
+        self.memory.set(key, value, remaining)
         return CacheLookup(value=value, tier="redis")
 
     async def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> bool:
         """Store in memory now and in Redis in the background; False if not stored."""
-        payload = encode_value(value)
+        redis_ttl = None if self.redis is None else self.redis.ttl_for(ttl_s)
+        expires_at = None if redis_ttl is None else self._wall() + redis_ttl
+        payload = encode_value(value, expires_at)
         if len(payload) > self._config.max_value_bytes:
             self.counters.inc("cache_ops", tier="memory", op="set", result="too_large")
             return False
-        self.memory.set(key, value, ttl_s)
-        self.counters.inc("cache_ops", tier="memory", op="set", result="ok")
-        if self.redis is not None:
-            task = asyncio.get_running_loop().create_task(self.redis.set(key, payload, ttl_s))
+        if self.memory.set(key, value, ttl_s):
+            self.counters.inc("cache_ops", tier="memory", op="set", result="ok")
+        if self.redis is not None and redis_ttl is not None:
+            task = asyncio.get_running_loop().create_task(self.redis.set(key, payload, redis_ttl))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         return True

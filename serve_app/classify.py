@@ -21,6 +21,7 @@ quote the request or carry a key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dspy.utils.exceptions import (
@@ -86,8 +87,9 @@ def _transport_timeout(exc: BaseException) -> bool:
 
 
 def _positive(value: object) -> float | None:
+    """A usable provider Retry-After: finite, positive, at most an hour."""
     try:
         f = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    return f if f > 0 else None
+    return min(f, 3600.0) if math.isfinite(f) and f > 0 else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -52,6 +53,15 @@ def resolve_path(path: str) -> Path:
         if (base / p).exists():
             return base / p
     return PROJECT_ROOT / p
+
+
+def _carries_credentials(url: str, *, user_too: bool) -> bool:
+    """True if ``url`` holds a password (in the authority or a ``password=`` query parameter),
+    or with ``user_too`` any user info at all. Scheme case does not matter."""
+    parts = urlsplit(url)
+    if parts.password is not None or (user_too and parts.username is not None):
+        return True
+    return any(k.lower() == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
 
 
 class Frozen(BaseModel):
@@ -88,7 +98,7 @@ class LMConfig(Frozen):
     @field_validator("api_base")
     @classmethod
     def _no_credentials_in_url(cls, v: str | None) -> str | None:
-        if v is not None and re.match(r"^[a-z]+://[^/]*@", v):
+        if v is not None and _carries_credentials(v, user_too=True):
             raise ValueError("must not carry credentials; use api_key_env")
         return v
 
@@ -124,10 +134,10 @@ class ModelConfig(Frozen):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
+        if v in RESERVED_DEPLOYMENT_NAMES:
+            raise ValueError(f"'{v}' is reserved (a deployment of its own)")
         if not _NAME_RE.match(v):
             raise ValueError("must match ^[a-z][a-z0-9_-]{0,62}$")
-        if v in RESERVED_DEPLOYMENT_NAMES:
-            raise ValueError(f"'{v}' is reserved")
         return v
 
     @field_validator("program")
@@ -163,7 +173,7 @@ class RedisConfig(Frozen):
     def _one_source(self) -> "RedisConfig":
         if (self.url is None) == (self.url_env is None):
             raise ValueError("set exactly one of url or url_env")
-        if self.url is not None and re.match(r"^[a-z]+://[^/]*:[^/@]+@", self.url):
+        if self.url is not None and _carries_credentials(self.url, user_too=False):
             raise ValueError("url must not carry a password; put the URL in an env var and use url_env")
         return self
 
@@ -179,7 +189,16 @@ class CacheConfig(Frozen):
     redis_ttl_s: float = Field(default=86_400.0, gt=0)
     max_value_bytes: int = Field(default=256 * 1024, ge=1024)
     timeout_s: float = Field(
-        default=0.1, gt=0, le=5, description="Budget for one cache call from the router."
+        default=0.1, gt=0, le=5, description="Budget for one Redis call inside the Cache deployment."
+    )
+    hop_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description=(
+            "Budget for the router's call to the Cache deployment. It includes Serve's queueing, "
+            "so it must sit well above timeout_s: under load a late hit beats a new LM call."
+        ),
     )
 
 
@@ -187,6 +206,7 @@ class LimitsConfig(Frozen):
     """Admission limits at the door."""
 
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_json_depth: int = Field(default=32, ge=2, le=256, description="Deepest nesting a request may have.")
     request_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Router deadline.")
 
 

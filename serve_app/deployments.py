@@ -8,9 +8,11 @@ concurrent requests); replica counts, autoscaling and actor options belong to th
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -64,6 +66,20 @@ class Predictor:
         """Checks the replica only, never the LM: an LM outage must not become a restart loop."""
 
 
+def detached_context() -> contextvars.Context:
+    """The current contextvars, minus Ray's link to the current actor task.
+
+    Ray cancels the calls a cancelled request made, recursively, by following the
+    ``async_task_id`` contextvar (ray-project/ray#52476; Serve's own long-poll client clears
+    it the same way). A coalesced predictor call serves every waiter, so the leader's client
+    leaving must not cancel it. Serve's request context (the request id) is kept."""
+    ctx = contextvars.copy_context()
+    task_id_var = getattr(ray._raylet, "async_task_id", None)
+    if task_id_var is not None:
+        ctx.run(task_id_var.set, None)
+    return ctx
+
+
 class HandlePredictor:
     """``PredictorClient`` over a deployment handle. A replica that died mid-request is
     retried once (Serve only retries scheduling); the router deadline bounds both tries."""
@@ -102,7 +118,10 @@ class HandleCache:
 class Router:
     async def __init__(self, args: AppArgs, cache: DeploymentHandle, predictors: dict[str, DeploymentHandle]) -> None:
         self.core = RouterCore(
-            args, {name: HandlePredictor(h) for name, h in predictors.items()}, HandleCache(cache)
+            args,
+            {name: HandlePredictor(h) for name, h in predictors.items()},
+            HandleCache(cache),
+            flight_context=detached_context,
         )
         self._refresher = asyncio.get_running_loop().create_task(self.core.refresh_loop())
 

@@ -168,6 +168,8 @@ class InternalError(ServeAppError):
     default_status = 500
 
 
+MAX_RETRY_AFTER_S = 3600
+
 ALL_ERRORS: tuple[type[ServeAppError], ...] = (
     InvalidRequest,
     Unauthorized,
@@ -203,8 +205,10 @@ def to_http(exc: BaseException, request_id: str | None) -> tuple[int, dict[str, 
         )
     headers: dict[str, str] = {}
     if exc.retry_after_s is not None:
-        # Retry-After is whole seconds; round up so a client never retries too early.
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        # Retry-After is whole seconds; round up so a client never retries too early, and
+        # bound it: a provider's absurd hint must not break the answer or park a client.
+        hint = exc.retry_after_s if math.isfinite(exc.retry_after_s) else MAX_RETRY_AFTER_S
+        headers["Retry-After"] = str(min(MAX_RETRY_AFTER_S, max(1, math.ceil(hint))))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
     return exc.status, headers, error_body(exc.code, exc.message, request_id)

@@ -5,7 +5,7 @@ Routes: ``POST /v1/predict``, ``GET /v1/models``, ``GET /health`` (liveness),
 
 Admission order on ``POST /v1/predict`` (cheapest first; nothing here touches an LM or a
 breaker): content type (415) -> declared length (413, before reading) -> streamed length
-(413, stops reading at the limit) -> JSON syntax and nesting (400) -> request shape (422
+(413, stops reading at the limit) -> JSON syntax and nesting depth (400) -> request shape (422
 naming the field) -> the router core.
 
 Every error leaves through ``errors.to_http`` as ``{"error": {code, message, request_id}}``.
@@ -48,8 +48,9 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """Read and parse a JSON body of at most ``limit`` bytes, or raise ``InvalidRequest``."""
+async def read_json_body(request: Request, limit: int, max_depth: int = 32) -> Any:
+    """Read and parse a JSON body of at most ``limit`` bytes and ``max_depth`` levels of
+    nesting, or raise ``InvalidRequest``."""
     if not _is_json(request.headers.get("content-type", "")):
         raise InvalidRequest("content type must be application/json", status=415)
     declared = request.headers.get("content-length")
@@ -66,11 +67,27 @@ async def read_json_body(request: Request, limit: int) -> Any:
             raise InvalidRequest(f"request body over {limit} bytes", status=413)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        data = json.loads(b"".join(chunks))
     except RecursionError:
         raise InvalidRequest("request JSON is nested too deeply", status=400) from None
     except ValueError:
         raise InvalidRequest("request body is not valid JSON", status=400) from None
+    if _depth_exceeds(data, max_depth):
+        raise InvalidRequest(f"request JSON is nested deeper than {max_depth} levels", status=400)
+    return data
+
+
+def _depth_exceeds(data: Any, max_depth: int) -> bool:
+    """Iterative (no recursion) check that nesting stays within ``max_depth``."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > max_depth:
+                return True
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -102,7 +119,8 @@ class HttpApi:
         return await self._guard(request, self._predict)
 
     async def _predict(self, request: Request, request_id: str) -> Response:
-        raw = await read_json_body(request, self.core.args.limits.max_body_bytes)
+        limits = self.core.args.limits
+        raw = await read_json_body(request, limits.max_body_bytes, limits.max_json_depth)
         try:
             body = PredictRequest.model_validate(raw)
         except ValidationError as exc:

@@ -121,7 +121,7 @@ class PredictorCore:
         *,
         lm: dspy.BaseLM | None = None,
         breaker_config: BreakerConfig | None = None,
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.monotonic,
         counters: Counters | None = None,
         loader: Callable[[str, ProgramRelease], LoadedProgram] = load_program,
     ) -> None:
@@ -132,6 +132,7 @@ class PredictorCore:
         self._lm = lm if lm is not None else build_lm(model.lm)
         self.breaker = CircuitBreaker(
             breaker_config or BreakerConfig(),
+            clock=clock,
             on_transition=lambda old, new: self.counters.inc(
                 "breaker_transitions", model=model.name, to=State(new).name.lower()
             ),

@@ -7,11 +7,11 @@ Contract of ``RouterCore.predict(request, request_id)``:
 - unknown model -> 404; inputs checked against the model's input fields before any hop
   (422 naming the field, no LM call);
 - ``cache: false`` (or a disabled cache) goes straight to the predictor (``X-Cache: BYPASS``);
-- otherwise the cache is asked within ``cache.timeout_s``; a slow or failing cache is a miss
-  plus a counter, never a failed request;
+- otherwise the cache is asked within ``cache.hop_timeout_s``; a slow or failing cache, or a
+  value that is not a prediction, is a miss plus a counter, never a failed request;
 - identical concurrent misses share one predictor call (``SingleFlight``);
-- a successful prediction is written back in the background, under the key of the program
-  version that actually answered; errors are never cached;
+- a successful prediction is written back after the waiters are answered, under the key of
+  the program version that actually answered; errors are never cached;
 - the whole call has the router deadline (``limits.request_timeout_s``).
 
 The program version used in cache keys comes from each predictor's ``info()``, refreshed
@@ -23,6 +23,7 @@ answer then carries the old version in ``program_version``, so it is labelled ho
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -61,6 +62,16 @@ class PredictOutcome:
         self.headers = headers
 
 
+def _is_payload(value: Any) -> bool:
+    """A cached value we wrote: anything else under our key is a miss, never a 500."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("program_version"), str)
+        and isinstance(value.get("outputs"), dict)
+        and isinstance(value.get("usage"), dict)
+    )
+
+
 class RouterCore:
     def __init__(
         self,
@@ -72,6 +83,7 @@ class RouterCore:
         counters: Counters | None = None,
         info_refresh_s: float = 1.0,
         info_timeout_s: float = 5.0,
+        flight_context: Callable[[], contextvars.Context] | None = None,
     ) -> None:
         self.args = args
         self._predictors = dict(predictors)
@@ -81,20 +93,26 @@ class RouterCore:
         self._info: dict[str, ModelInfoPayload] = {}
         self._info_refresh_s = info_refresh_s
         self._info_timeout_s = info_timeout_s
-        self._flight: SingleFlight[PredictionPayload] = SingleFlight()
+        self._flight: SingleFlight[PredictionPayload] = SingleFlight(flight_context)
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- model directory -------------------------------------------------------------
 
-    async def refresh_info(self, name: str) -> ModelInfoPayload:
-        """Fetch one predictor's info (version, fields) and remember it."""
-        try:
-            async with asyncio.timeout(self._info_timeout_s):
-                info = await self._predictors[name].info()
-        except TimeoutError:
-            raise Overloaded(f"model '{name}' is not answering yet", retry_after_s=1.0) from None
+    async def _fetch_info(self, name: str) -> ModelInfoPayload:
+        """Fetch one predictor's info (version, fields) and remember it; raises as it failed."""
+        async with asyncio.timeout(self._info_timeout_s):
+            info = await self._predictors[name].info()
         self._info[name] = info
         return info
+
+    async def refresh_info(self, name: str) -> ModelInfoPayload:
+        """``_fetch_info`` for the request path: any failure is a retryable 503."""
+        try:
+            return await self._fetch_info(name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - starting, dead or unreachable: retry shortly
+            raise Overloaded(f"model '{name}' is not answering yet", retry_after_s=1.0) from None
 
     async def model_info(self, name: str) -> ModelInfoPayload:
         info = self._info.get(name)
@@ -158,23 +176,29 @@ class RouterCore:
         info = await self.model_info(model.name)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
-            return await self._call_predictor(model, request.inputs, store=False), "BYPASS"
+            return await self._call_predictor(model, request.inputs), "BYPASS"
         key = self._key(model, info["program_version"], request.inputs)
         hit = await self._cache_get(key)
-        if hit is not None:
+        if hit is not None and _is_payload(hit.get("value")):
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS"
-        payload, _shared = await self._flight.do(key, lambda: self._call_predictor(model, request.inputs, store=True))
+        if hit is not None:
+            self.counters.inc("cache_client_errors", op="foreign_value")
+        payload, _shared = await self._flight.do(
+            key,
+            lambda: self._call_predictor(model, request.inputs),
+            # The write-back runs inside the flight: waiters already have the answer, and a
+            # request arriving before the write lands joins the flight instead of the LM.
+            then=lambda p: self._cache_set(self._key(model, p["program_version"], request.inputs), dict(p),
+                                           model.cache_ttl_s),
+        )
         return payload, "MISS"
 
-    async def _call_predictor(self, model: ModelConfig, inputs: Mapping[str, Any], *, store: bool) -> PredictionPayload:
+    async def _call_predictor(self, model: ModelConfig, inputs: Mapping[str, Any]) -> PredictionPayload:
         payload = await self._predictors[model.name].predict(inputs)
         known = self._info.get(model.name)
         if known is not None and known["program_version"] != payload["program_version"]:
             # The predictor was reconfigured: learn the new version now, not at next refresh.
             self._spawn(self._refresh_quietly(model.name))
-        if store and self._cache is not None:
-            key = self._key(model, payload["program_version"], inputs)
-            self._spawn(self._cache_set(key, dict(payload), model.cache_ttl_s))
         return payload
 
     # ---- cache access: bounded, never raising -----------------------------------------
@@ -182,7 +206,7 @@ class RouterCore:
     async def _cache_get(self, key: str) -> CacheLookup | None:
         assert self._cache is not None
         try:
-            async with asyncio.timeout(self.args.cache.timeout_s):
+            async with asyncio.timeout(self.args.cache.hop_timeout_s):
                 return await self._cache.get(key)
         except asyncio.CancelledError:
             raise
@@ -193,7 +217,7 @@ class RouterCore:
     async def _cache_set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> None:
         assert self._cache is not None
         try:
-            async with asyncio.timeout(max(1.0, self.args.cache.timeout_s)):
+            async with asyncio.timeout(self.args.cache.hop_timeout_s):
                 await self._cache.set(key, value, ttl_s)
         except Exception:  # noqa: BLE001 - a failed write is only a future miss
             self.counters.inc("cache_client_errors", op="set")
@@ -238,7 +262,7 @@ class RouterCore:
         ok = True
         for name in self._predictors:
             try:
-                info = await self.refresh_info(name)
+                info = await self._fetch_info(name)
                 detail["models"][name] = {
                     "ready": True,
                     "program_version": info["program_version"],

@@ -173,6 +173,13 @@ class ServeCluster:
         r.raise_for_status()
         return r.json().get("applications", {})
 
+    def actor_ids(self, class_suffix: str) -> set[str]:
+        """Ids of ALIVE actors whose class name ends with ``class_suffix`` (e.g. ``"app:qa"``)."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10_000)
+        return {a.actor_id for a in actors if a.class_name.endswith(class_suffix)}
+
     def deploy(self, config: Mapping[str, Any] | Path, timeout_s: float = 180) -> None:
         """``serve deploy`` a config (dict or file) and wait until every app in it is RUNNING."""
         if isinstance(config, Path):

@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from ray.util.state import list_actors
 
 from serve_app.schemas import PredictResponse
 
@@ -163,15 +162,10 @@ def test_models_health_ready_and_index(deployed: ServeCluster, http: httpx.Clien
     assert index["models"] == ["qa", "classify", "pipeline"]
 
 
-def _qa_replicas() -> set[str]:
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.actor_id for a in actors if a.class_name.endswith("predict_http:qa")}
-
-
 def test_hot_swap_of_program_version_without_restart_or_failure(deployed: ServeCluster, http: httpx.Client,
                                                                 lmsim: LMSim) -> None:
     before_version = http.get(f"{PREFIX}/v1/models").json()["models"][0]["program_version"]
-    replicas = _qa_replicas()
+    replicas = deployed.actor_ids("predict_http:qa")
     assert replicas, "no qa replica found"
 
     statuses: list[int] = []
@@ -210,6 +204,6 @@ def test_hot_swap_of_program_version_without_restart_or_failure(deployed: ServeC
     assert after_version != before_version
     assert statuses and set(statuses) == {200}, f"failed requests during swap: {sorted(set(statuses))}"
     assert after_version in versions and before_version in versions
-    assert _qa_replicas() == replicas, "the swap restarted a replica"
+    assert deployed.actor_ids("predict_http:qa") == replicas, "the swap restarted a replica"
     # Swap back so the module's other tests see v1 whatever their order.
     deployed.deploy(_config(lmsim))

@@ -1,6 +1,6 @@
 """Unit-test guard rails and shared fakes.
 
-- ``ray.init`` is forbidden for the whole unit session (importing ``ray.serve`` is fine: it
+- ``ray.init`` is forbidden for every unit test (importing ``ray.serve`` is fine: it
   builds deployments without a cluster; starting Ray is what an integration test does).
 - Fakes implement the same protocols as the real parts: ``FakePredictor`` is a
   ``router.PredictorClient``, ``FakeCache`` a ``router.CacheClient``, ``FakeRedis`` a
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,14 +41,20 @@ def _forbidden_ray_init(*args: Any, **kwargs: Any) -> None:
     raise RayInitForbidden("ray.init is forbidden in unit tests; use tests/integration for a real cluster")
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def forbid_ray_init() -> Iterator[None]:
-    """Make any ``ray.init`` (directly, or via ``serve.run``/``serve.start``) fail loudly."""
+    """Make any ``ray.init`` (directly, or via ``serve.run``/``serve.start``) fail loudly.
+
+    Scoped to the ``tests/unit`` package, not the session: ``make test`` runs ``tests/`` in one
+    pytest process, and a session-scoped patch would outlive the unit tests and break the
+    integration tests' own ``ray.init`` (or be torn down while their cluster still runs).
+    """
+    was_initialized = ray.is_initialized()  # an integration session may have run first
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ray, "init", _forbidden_ray_init)
         mp.setattr(ray._private.worker, "init", _forbidden_ray_init)
         yield
-    assert not ray.is_initialized(), "a unit test started Ray"
+    assert was_initialized or not ray.is_initialized(), "a unit test started Ray"
 
 
 # ----------------------------------------------------------------------------- clock
@@ -100,6 +106,7 @@ class FakePredictor:
         self.gate: asyncio.Event | None = None  # predict waits on it when set
         self.info_gate: asyncio.Event | None = None  # info waits on it when set
         self.entered = asyncio.Event()  # set whenever predict starts
+        self.on_predict: Callable[[], None] | None = None  # e.g. advance a fake clock
 
     # ---- knobs
     def fail(self, exc: BaseException | None) -> None:
@@ -114,6 +121,8 @@ class FakePredictor:
     async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload:
         self.predict_calls.append(dict(inputs))
         self.entered.set()
+        if self.on_predict is not None:
+            self.on_predict()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_with is not None:
@@ -259,9 +268,11 @@ class SimLM(dspy.BaseLM):
         self.hang: asyncio.Event | None = None
         self.malformed = False
         self.entered: asyncio.Event | None = None
+        self.usage_log: list[tuple[int, int]] = []  # (prompt, completion) tokens per answered call
 
     def _reply(self, messages: list[dict[str, Any]] | None) -> SimpleNamespace:
         reply = answer({"model": self.model, "messages": messages or []})
+        self.usage_log.append((reply.prompt_tokens, reply.completion_tokens))
         content = "Sorry, no fields here at all." if self.malformed else reply.content
         return _completion(content, reply.prompt_tokens, reply.completion_tokens, self.model)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,13 @@ import dspy
 import pytest
 
 from serve_app.config import PROJECT_ROOT, ProgramRelease, resolve_path
-from serve_app.programs import FieldSpec, LoadedProgram, ProgramLoadError, load_program, type_name
+from serve_app.programs import (
+    FieldSpec,
+    LoadedProgram,
+    ProgramLoadError,
+    load_program,
+    type_name,
+)
 
 QA = "serve_app.examples:build_qa"
 CLASSIFY = "serve_app.examples:build_classifier"
@@ -100,12 +108,42 @@ def test_version_follows_the_state() -> None:
     assert load(QA).version == v1
 
 
+def test_version_is_the_same_in_another_process() -> None:
+    """Replicas compute versions independently; they must agree (no hash seed, no addresses)."""
+    cases = [
+        (QA, None),
+        (QA, "configs/states/qa_v2.json"),
+        (CLASSIFY, "configs/states/classify.json"),
+        (PIPELINE, None),
+    ]
+    script = (
+        "import json, sys\n"
+        "from serve_app.config import ProgramRelease\n"
+        "from serve_app.programs import load_program\n"
+        "cases = json.loads(sys.argv[1])\n"
+        "print(json.dumps([load_program(p, ProgramRelease(state=s)).version for p, s in cases]))\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "4242"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(cases)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [load(p, s).version for p, s in cases]
+
+
 def test_version_differs_between_programs() -> None:
     assert len({load(QA).version, load(CLASSIFY).version, load(PIPELINE).version}) == 3
 
 
 def _classify_state() -> dict[str, Any]:
-    return json.loads((STATES / "classify.json").read_text())
+    state: dict[str, Any] = json.loads((STATES / "classify.json").read_text())
+    return state
 
 
 def test_version_changes_with_modified_demos(tmp_path: Path) -> None:

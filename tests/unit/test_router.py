@@ -1,0 +1,423 @@
+"""Router core: admission, cache-through, coalescing, deadlines, readiness (C4-C6)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from serve_app.config import AppArgs
+from serve_app.errors import (
+    InvalidRequest,
+    Overloaded,
+    ProgramOutputError,
+    ServeAppError,
+    UnknownModel,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from serve_app.metrics import Counters
+from serve_app.router import DEFAULT_VARIANT, PredictOutcome, RouterCore
+from serve_app.schemas import PredictRequest, PredictResponse
+
+from .conftest import FakeCache, FakeClock, FakePredictor, app_args, fake_outputs
+
+Q = {"question": "What is Ray Serve?"}
+
+
+def core_with(
+    predictors: dict[str, FakePredictor],
+    cache: FakeCache | None,
+    args: AppArgs | None = None,
+    clock: FakeClock | None = None,
+    **kwargs: Any,
+) -> RouterCore:
+    return RouterCore(args or app_args(), predictors, cache, clock=clock or FakeClock(), counters=Counters(), **kwargs)
+
+
+@pytest.fixture
+def core(fake_predictor: FakePredictor, fake_cache: FakeCache) -> RouterCore:
+    return core_with({"qa": fake_predictor, "classify": FakePredictor("classify", inputs=("text",))}, fake_cache)
+
+
+async def ask(
+    core: RouterCore, inputs: dict[str, Any] | None = None, *, model: str = "qa", cache: bool = True, rid: str = "rid"
+) -> PredictOutcome:
+    return await core.predict(PredictRequest(model=model, inputs=Q if inputs is None else inputs, cache=cache), rid)
+
+
+def without_volatile(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in ("request_id", "latency_ms")}
+
+
+# ----------------------------------------------------------------------------- admission
+
+
+async def test_unknown_model(core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    with pytest.raises(UnknownModel, match="unknown model 'nope'") as info:
+        await ask(core, model="nope")
+    assert info.value.status == 404
+    assert fake_predictor.predict_calls == [] and fake_cache.get_calls == []
+
+
+async def test_configured_model_without_a_predictor_is_unknown(fake_predictor: FakePredictor) -> None:
+    core = core_with({"qa": fake_predictor}, FakeCache())
+    with pytest.raises(UnknownModel):
+        await ask(core, {"text": "hi"}, model="classify")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({}, "inputs.question"),
+        ({"question": "q", "extra": 1}, "inputs.extra"),
+        ({"questoin": "typo"}, "inputs.question"),
+    ],
+)
+async def test_bad_inputs_are_422_naming_the_field_before_any_call(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache, inputs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await ask(core, inputs)
+    assert info.value.status == 422
+    assert info.value.field == field
+    assert fake_predictor.predict_calls == []
+    assert fake_cache.get_calls == [] and fake_cache.set_calls == []
+
+
+# ----------------------------------------------------------------------------- cache-through
+
+
+async def test_miss_then_memory_hit(core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    first = await ask(core, rid="r1")
+    await core.drain()
+    second = await ask(core, rid="r2")
+
+    assert first.headers["X-Cache"] == "MISS"
+    assert second.headers["X-Cache"] == "HIT-MEMORY"
+    assert len(fake_predictor.predict_calls) == 1
+    assert first.body["cached"] is False and second.body["cached"] is True
+    assert first.body["usage"] == {"input_tokens": 11, "output_tokens": 7}
+    assert second.body["usage"] == {"input_tokens": 0, "output_tokens": 0}, "a hit spends no tokens"
+    assert first.body["outputs"] == second.body["outputs"] == fake_outputs(Q)
+    assert (first.body["request_id"], second.body["request_id"]) == ("r1", "r2")
+    assert first.body["program_version"] == second.body["program_version"] == "v1"
+    for body in (first.body, second.body):
+        PredictResponse.model_validate(body)
+    assert core.counters.get("predictions", model="qa", cache="MISS") == 1
+    assert core.counters.get("predictions", model="qa", cache="HIT-MEMORY") == 1
+
+
+async def test_redis_tier_hit_is_labelled(fake_predictor: FakePredictor) -> None:
+    cache = FakeCache(tier="redis")
+    core = core_with({"qa": fake_predictor}, cache)
+    await ask(core)
+    await core.drain()
+    assert (await ask(core)).headers["X-Cache"] == "HIT-REDIS"
+
+
+async def test_reordered_inputs_hit_the_same_entry(fake_cache: FakeCache) -> None:
+    predictor = FakePredictor("qa", inputs=("question", "context"))
+    core = core_with({"qa": predictor}, fake_cache)
+    await ask(core, {"question": "q", "context": "c"})
+    await core.drain()
+    assert (await ask(core, {"context": "c", "question": "q"})).headers["X-Cache"] == "HIT-MEMORY"
+    assert len(predictor.predict_calls) == 1
+
+
+async def test_cache_write_uses_the_model_ttl_and_a_prefixed_key(core: RouterCore, fake_cache: FakeCache) -> None:
+    await ask(core)
+    await ask(core, {"text": "great"}, model="classify")
+    await core.drain()
+    (qa_key, qa_value, qa_ttl), (cl_key, _, cl_ttl) = fake_cache.set_calls
+    assert qa_key.startswith(f"serve_app:p:qa:{DEFAULT_VARIANT}:v1:")
+    assert cl_key.startswith(f"serve_app:p:classify:{DEFAULT_VARIANT}:v1:")
+    assert (qa_ttl, cl_ttl) == (None, 60.0)
+    assert qa_value["outputs"] == fake_outputs(Q) and qa_value["program_version"] == "v1"
+
+
+async def test_lm_settings_are_part_of_the_key(fake_cache: FakeCache) -> None:
+    keys = []
+    for temperature in (0.0, 0.7):
+        args = app_args(
+            models=[
+                {
+                    "name": "qa",
+                    "program": "serve_app.examples:build_qa",
+                    "lm": {"model": "openai/sim-qa", "temperature": temperature, "timeout_s": 1},
+                    "timeout_s": 2,
+                }
+            ]
+        )
+        core = core_with({"qa": FakePredictor()}, fake_cache, args=args)
+        await ask(core)
+        await core.drain()
+        keys.append(fake_cache.set_calls[-1][0])
+    assert keys[0] != keys[1]
+
+
+async def test_cache_false_bypasses_the_cache(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    for _ in range(2):
+        out = await ask(core, cache=False)
+        assert out.headers["X-Cache"] == "BYPASS"
+        assert out.body["cached"] is False
+    await core.drain()
+    assert len(fake_predictor.predict_calls) == 2
+    assert fake_cache.get_calls == [] and fake_cache.set_calls == []
+
+
+async def test_disabled_cache_config_bypasses(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"enabled": False}))
+    assert (await ask(core)).headers["X-Cache"] == "BYPASS"
+    assert (await ask(core)).headers["X-Cache"] == "BYPASS"
+    await core.drain()
+    assert len(fake_predictor.predict_calls) == 2
+    assert fake_cache.get_calls == [] and fake_cache.set_calls == []
+    ok, detail = await core.ready()
+    assert ok and detail["cache"] is None
+
+
+async def test_no_cache_client_at_all(fake_predictor: FakePredictor) -> None:
+    core = core_with({"qa": fake_predictor}, None)
+    assert (await ask(core)).headers["X-Cache"] == "BYPASS"
+
+
+async def test_failing_cache_is_a_miss_plus_a_counter(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    fake_cache.fail_with = ConnectionError("cache replica gone")
+    out = await ask(core)
+    await core.drain()
+    assert out.headers["X-Cache"] == "MISS"
+    assert out.body["outputs"] == fake_outputs(Q)
+    assert core.counters.get("cache_client_errors", op="get") == 1
+    assert core.counters.get("cache_client_errors", op="set") == 1
+    assert len(fake_predictor.predict_calls) == 1
+
+
+async def test_hanging_cache_is_bounded_by_its_budget(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"hop_timeout_s": 0.01}))
+    fake_cache.hang = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    out = await ask(core)
+    assert loop.time() - started < 0.5
+    assert out.headers["X-Cache"] == "MISS"
+    assert core.counters.get("cache_client_errors", op="get") == 1
+    fake_cache.hang.set()  # let the background write through instead of waiting it out
+    await core.drain()
+    assert len(fake_cache.set_calls) == 1
+
+
+async def test_two_hundred_identical_cold_requests_make_one_call(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    gate = fake_predictor.block()
+    tasks = [asyncio.ensure_future(ask(core, rid=f"r{i}")) for i in range(200)]
+    await fake_predictor.entered.wait()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    gate.set()
+    outcomes = await asyncio.gather(*tasks)
+    await core.drain()
+
+    assert len(fake_predictor.predict_calls) == 1
+    bodies = [without_volatile(o.body) for o in outcomes]
+    assert all(b == bodies[0] for b in bodies)
+    assert {o.body["request_id"] for o in outcomes} == {f"r{i}" for i in range(200)}
+    assert {o.headers["X-Cache"] for o in outcomes} == {"MISS"}
+    assert len(fake_cache.set_calls) == 1
+
+
+async def test_leader_leaving_fails_none_of_the_followers(core: RouterCore, fake_predictor: FakePredictor) -> None:
+    gate = fake_predictor.block()
+    leader = asyncio.ensure_future(ask(core, rid="leader"))
+    await fake_predictor.entered.wait()
+    followers = [asyncio.ensure_future(ask(core, rid=f"f{i}")) for i in range(10)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    gate.set()
+    outcomes = await asyncio.gather(*followers)
+    assert all(o.body["outputs"] == fake_outputs(Q) for o in outcomes)
+    assert len(fake_predictor.predict_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UpstreamError("model 'qa' provider failed"),
+        UpstreamTimeout("model 'qa' did not answer in time"),
+        ProgramOutputError("model 'qa' answered, but its output could not be parsed"),
+        Overloaded("busy", retry_after_s=3),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_errors_propagate_and_are_never_cached(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache, error: ServeAppError
+) -> None:
+    fake_predictor.fail(error)
+    gate = fake_predictor.block()
+    tasks = [asyncio.ensure_future(ask(core)) for _ in range(3)]
+    await fake_predictor.entered.wait()
+    gate.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(type(o) is type(error) for o in outcomes), outcomes
+    assert len(fake_predictor.predict_calls) == 1
+    await core.drain()
+    assert fake_cache.set_calls == []
+
+    fake_predictor.fail(None)
+    out = await ask(core)
+    assert out.headers["X-Cache"] == "MISS"
+    assert len(fake_predictor.predict_calls) == 2, "the next identical request calls the predictor again"
+
+
+async def test_new_program_version_refreshes_info_and_keys_the_new_version(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    await ask(core, {"question": "warm-up"})
+    await core.drain()
+    assert (await core.model_info("qa"))["program_version"] == "v1"
+    info_calls = fake_predictor.info_calls
+
+    fake_predictor.version = "v2"  # hot swap: reconfigure on the replica
+    out = await ask(core)
+    await core.drain()
+    assert out.body["program_version"] == "v2"
+    assert fake_predictor.info_calls == info_calls + 1, "the router learnt the new version at once"
+    assert (await core.model_info("qa"))["program_version"] == "v2"
+    stored_key = fake_cache.set_calls[-1][0]
+    assert ":qa:default:v2:" in stored_key
+
+    again = await ask(core)
+    assert again.headers["X-Cache"] == "HIT-MEMORY"
+    assert again.body["program_version"] == "v2"
+    assert len(fake_predictor.predict_calls) == 2
+
+
+async def test_router_deadline_is_an_upstream_timeout(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    args = app_args(
+        models=[
+            {
+                "name": "qa",
+                "program": "serve_app.examples:build_qa",
+                "lm": {"model": "openai/sim-qa", "timeout_s": 0.001},
+                "timeout_s": 0.002,
+            }
+        ],
+        limits={"request_timeout_s": 0.01},
+    )
+    core = core_with({"qa": fake_predictor}, fake_cache, args=args)
+    gate = fake_predictor.block()
+    with pytest.raises(UpstreamTimeout, match="request deadline") as info:
+        await ask(core)
+    assert info.value.status == 504
+    # The shared call was not cancelled with the waiter: once it finishes, it is stored.
+    gate.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await core.drain()
+    assert len(fake_cache.set_calls) == 1
+    assert (await ask(core)).headers["X-Cache"] == "HIT-MEMORY"
+
+
+async def test_latency_and_headers(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    clock = FakeClock()
+    fake_predictor.on_predict = lambda: clock.advance(0.25)
+    core = core_with({"qa": fake_predictor}, fake_cache, clock=clock)
+    out = await ask(core)
+    assert out.body["latency_ms"] == 250.0
+    assert out.headers == {"X-Cache": "MISS", "X-Model-Variant": "default", "X-Response-Time": "250.0ms"}
+    assert out.body["variant"] == "default"
+
+
+async def test_foreign_cached_value_is_a_miss(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    await ask(core)
+    await core.drain()
+    key = fake_cache.set_calls[0][0]
+    fake_cache.data[key] = {"planted": True}  # a valid envelope around a foreign value
+    out = await ask(core)
+    assert out.headers["X-Cache"] == "MISS"
+    assert len(fake_predictor.predict_calls) == 2
+
+
+# ----------------------------------------------------------------------------- directory, readiness
+
+
+async def test_models_shape(core: RouterCore) -> None:
+    models = await core.models()
+    assert [m["name"] for m in models] == ["qa", "classify"]
+    assert models[0] == {
+        "name": "qa",
+        "description": "",
+        "program_version": "v1",
+        "inputs": [{"name": "question", "type": "str", "description": ""}],
+        "outputs": [{"name": "answer", "type": "str", "description": ""}],
+        "lm": {"model": "openai/sim-qa"},
+    }
+    assert models[1]["inputs"] == [{"name": "text", "type": "str", "description": ""}]
+
+
+async def test_ready_when_everything_answers(core: RouterCore) -> None:
+    ok, detail = await core.ready()
+    assert ok is True
+    assert detail == {
+        "models": {
+            "qa": {"ready": True, "program_version": "v1", "breaker": "CLOSED"},
+            "classify": {"ready": True, "program_version": "v1", "breaker": "CLOSED"},
+        },
+        "cache": {"ready": True, "memory_entries": 0},
+    }
+
+
+async def test_not_ready_when_a_predictor_fails(core: RouterCore, fake_predictor: FakePredictor) -> None:
+    fake_predictor.info_fail_with = ConnectionError("replica starting")
+    ok, detail = await core.ready()
+    assert ok is False
+    assert detail["models"]["qa"] == {"ready": False, "error": "ConnectionError"}
+    assert detail["models"]["classify"]["ready"] is True
+
+
+async def test_not_ready_when_a_predictor_hangs(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, info_timeout_s=0.01)
+    fake_predictor.info_gate = asyncio.Event()
+    ok, detail = await core.ready()
+    assert ok is False
+    assert detail["models"]["qa"] == {"ready": False, "error": "TimeoutError"}
+    with pytest.raises(Overloaded) as info:
+        await ask(core)
+    assert info.value.retry_after_s == 1.0
+    fake_predictor.info_gate.set()
+
+
+async def test_not_ready_when_the_cache_fails(core: RouterCore, fake_cache: FakeCache) -> None:
+    fake_cache.stats_fail_with = ConnectionError("gone")
+    ok, detail = await core.ready()
+    assert ok is False
+    assert detail["cache"] == {"ready": False, "error": "ConnectionError"}
+
+
+async def test_refresh_loop_survives_failures(core: RouterCore, fake_predictor: FakePredictor) -> None:
+    fake_predictor.info_fail_with = ConnectionError("down")
+    ticks: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        ticks.append(seconds)
+        if len(ticks) == 2:
+            fake_predictor.info_fail_with = None
+        if len(ticks) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await core.refresh_loop(sleep=fake_sleep)
+    assert ticks == [1.0, 1.0, 1.0]
+    assert core.counters.get("info_refresh_errors", model="qa") == 2
+    assert (await core.model_info("qa"))["program_version"] == "v1"
