@@ -155,6 +155,8 @@ class RedisClient(Protocol):
 
     async def get(self, name: str) -> bytes | None: ...
     async def set(self, name: str, value: bytes, px: int | None = None) -> Any: ...
+    async def hgetall(self, name: str) -> dict[bytes, bytes]: ...
+    def pipeline(self, transaction: bool = True) -> Any: ...
     async def aclose(self) -> None: ...
 
 
@@ -251,6 +253,34 @@ class RedisTier:
         if ok:
             self._counters.inc("cache_ops", tier="redis", op="set", result="ok")
         return ok
+
+    async def hincr_many(self, increments: Mapping[str, Mapping[str, float]], ttl_s: Mapping[str, float]) -> bool:
+        """Atomic float increments of hash fields in one round trip (the cost book's store)."""
+
+        async def run() -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            for key, fields in increments.items():
+                for field, value in fields.items():
+                    if value:
+                        pipe.hincrbyfloat(key, field, value)
+            for key, ttl in ttl_s.items():
+                pipe.expire(key, int(ttl))
+            return await pipe.execute()
+
+        ok, _ = await self._call("hincr", run)
+        return ok
+
+    async def hgetall(self, key: str) -> dict[str, float] | None:
+        ok, raw = await self._call("hgetall", lambda: self._client.hgetall(key))
+        if not ok:
+            return None
+        out: dict[str, float] = {}
+        for k, v in (raw or {}).items():
+            try:
+                out[k.decode() if isinstance(k, bytes) else str(k)] = float(v)
+            except (TypeError, ValueError, UnicodeDecodeError):
+                continue  # a foreign field is skipped, never a failure
+        return out
 
     async def close(self) -> None:
         try:

@@ -23,6 +23,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .breaker import BreakerConfig
+
 __all__ = [
     "Frozen",
     "LMConfig",
@@ -87,6 +89,8 @@ class LMConfig(Frozen):
         le=3,
         description="Retries inside dspy.LM. Default 0: Serve-level retry is our one layer.",
     )
+    input_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
+    output_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
 
     @field_validator("api_key_env")
     @classmethod
@@ -129,6 +133,11 @@ class ModelConfig(Frozen):
     lm: LMConfig
     timeout_s: float = Field(default=25.0, gt=0, le=3600, description="Predictor deadline per request.")
     cache_ttl_s: float | None = Field(default=None, gt=0, description="Overrides cache TTLs for this model.")
+    breaker: BreakerConfig = BreakerConfig()
+    fallback: str | None = Field(
+        default=None,
+        description="Model that answers (marked degraded) when this one's breaker is open or its call fails retryably.",
+    )
     description: str = ""
 
     @field_validator("name")
@@ -224,13 +233,59 @@ class AppArgs(Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"models: duplicate name(s) {dupes}")
+        by_name = {m.name: m for m in self.models}
         for m in self.models:
+            if m.fallback is not None:
+                target = by_name.get(m.fallback)
+                if target is None:
+                    raise ValueError(f"models[{m.name}].fallback: no model named '{m.fallback}'")
+                if target.name == m.name or target.fallback is not None:
+                    # One level only: a fallback chain could loop, and each level spends deadline.
+                    raise ValueError(f"models[{m.name}].fallback: '{m.fallback}' must be another model without a fallback")
             if m.timeout_s >= self.limits.request_timeout_s:
                 raise ValueError(
                     f"models[{m.name}].timeout_s ({m.timeout_s}) must be below "
                     f"limits.request_timeout_s ({self.limits.request_timeout_s})"
                 )
         return self
+
+    def secret_env_names(self) -> list[str]:
+        """Names of the environment variables that hold secrets (values are masked in logs)."""
+        names = [m.lm.api_key_env for m in self.models if m.lm.api_key_env]
+        if self.cache.redis is not None and self.cache.redis.url_env:
+            names.append(self.cache.redis.url_env)
+        return names
+
+    def public_view(self) -> dict[str, Any]:
+        """The effective configuration for ``GET /config``, by allow-list: every field shown is
+        named here, so a field added later stays hidden until someone decides it is safe.
+        Secrets are never values in this tree, and URLs that could carry credentials
+        (``cache.redis.url``) are reduced to whether they are set."""
+        lm_fields = ("model", "api_base", "api_key_env", "temperature", "max_tokens", "timeout_s", "num_retries",
+                     "input_usd_per_mtok", "output_usd_per_mtok")
+        model_fields = ("name", "description", "program", "state", "allow_pickle", "timeout_s", "cache_ttl_s",
+                        "fallback")
+        cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
+                        "max_value_bytes", "timeout_s", "hop_timeout_s")
+        return {
+            "service_name": self.service_name,
+            "models": [
+                {
+                    **{f: getattr(m, f) for f in model_fields},
+                    "lm": {f: getattr(m.lm, f) for f in lm_fields},
+                    "breaker": m.breaker.model_dump(mode="json"),
+                }
+                for m in self.models
+            ],
+            "cache": {
+                **{f: getattr(self.cache, f) for f in cache_fields},
+                "redis": None
+                if self.cache.redis is None
+                else {"configured": True, "url_env": self.cache.redis.url_env,
+                      "url_set_in_config": self.cache.redis.url is not None},
+            },
+            "limits": self.limits.model_dump(mode="json"),
+        }
 
     def model(self, name: str) -> ModelConfig | None:
         for m in self.models:

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 
 from .cache import CacheLookup, TieredCache
+from .costs import CostBook
+from .metrics import Counters, RaySink
 from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease
+from .errors import Overloaded
 from .http import build_http_app
+from .logs import install_secret_mask
 from .lmsim import Knobs, SimCore, build_sim_app
 from .predictor import ModelInfoPayload, PredictionPayload, PredictorCore
 from .router import RouterCore
@@ -30,8 +36,12 @@ __all__ = ["Cache", "Predictor", "Router", "LMSimulator", "HandlePredictor", "Ha
 
 @serve.deployment(name="Cache", max_ongoing_requests=1000, graceful_shutdown_timeout_s=5)
 class Cache:
+    """The prediction cache and the cost book (both share its Redis tier)."""
+
     def __init__(self, config: CacheConfig) -> None:
-        self.core = TieredCache.from_config(config)
+        install_secret_mask(_env_values([config.redis.url_env] if config.redis and config.redis.url_env else []))
+        self.core = TieredCache.from_config(config, counters=Counters(sink=RaySink()))
+        self.costs = CostBook(config.key_prefix, self.core.redis)
 
     async def get(self, key: str) -> CacheLookup | None:
         return await self.core.get(key)
@@ -42,6 +52,12 @@ class Cache:
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None:
+        await self.costs.record(model, variant, usage)
+
+    async def cost_report(self) -> dict[str, Any]:
+        return await self.costs.report()
+
     def check_health(self) -> None:
         """Healthy while the replica runs: Redis being down is a degraded cache, not a dead one."""
 
@@ -51,7 +67,8 @@ class Predictor:
     """One per model, named after it. ``user_config`` is a ``ProgramRelease``."""
 
     def __init__(self, model: ModelConfig) -> None:
-        self.core = PredictorCore(model)
+        install_secret_mask(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
+        self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.core.reconfigure(ProgramRelease.model_validate(user_config))
@@ -64,6 +81,10 @@ class Predictor:
 
     def check_health(self) -> None:
         """Checks the replica only, never the LM: an LM outage must not become a restart loop."""
+
+
+def _env_values(names: list[str]) -> list[str]:
+    return [v for v in (os.environ.get(n) for n in names) if v]
 
 
 def detached_context() -> contextvars.Context:
@@ -81,17 +102,26 @@ def detached_context() -> contextvars.Context:
 
 
 class HandlePredictor:
-    """``PredictorClient`` over a deployment handle. A replica that died mid-request is
-    retried once (Serve only retries scheduling); the router deadline bounds both tries."""
+    """``PredictorClient`` over a deployment handle.
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    - A replica that died mid-request is retried once (Serve only retries scheduling); the
+      router deadline bounds both tries, and at most one duplicate LM call can result.
+    - Serve's back-pressure (the predictor's ``max_queued_requests`` reached) is a fast
+      503 ``overloaded`` with ``Retry-After``; it never reaches the model's breaker.
+    """
+
+    def __init__(self, handle: DeploymentHandle, name: str) -> None:
         self._h = handle
+        self._name = name
 
     async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload:
         try:
-            return await self._h.predict.remote(dict(inputs))
-        except (ActorDiedError, ActorUnavailableError):
-            return await self._h.predict.remote(dict(inputs))
+            try:
+                return await self._h.predict.remote(dict(inputs))
+            except (RayActorError, ActorUnavailableError):
+                return await self._h.predict.remote(dict(inputs))
+        except BackPressureError:
+            raise Overloaded(f"model '{self._name}' is at capacity; retry shortly", retry_after_s=1.0) from None
 
     async def info(self) -> ModelInfoPayload:
         return await self._h.info.remote()
@@ -112,16 +142,24 @@ class HandleCache:
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()
 
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None:
+        await self._h.record_usage.remote(model, variant, usage)
+
+    async def cost_report(self) -> dict[str, Any]:
+        return await self._h.cost_report.remote()
+
 
 @serve.deployment(name="Router", max_ongoing_requests=512, graceful_shutdown_timeout_s=45)
 @serve.ingress()
 class Router:
     async def __init__(self, args: AppArgs, cache: DeploymentHandle, predictors: dict[str, DeploymentHandle]) -> None:
+        install_secret_mask(_env_values(args.secret_env_names()))
         self.core = RouterCore(
             args,
-            {name: HandlePredictor(h) for name, h in predictors.items()},
+            {name: HandlePredictor(h, name) for name, h in predictors.items()},
             HandleCache(cache),
             flight_context=detached_context,
+            counters=Counters(sink=RaySink()),
         )
         self._refresher = asyncio.get_running_loop().create_task(self.core.refresh_loop())
 

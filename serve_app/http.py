@@ -1,7 +1,8 @@
 """The HTTP API as a Starlette app over a ``RouterCore``.
 
 Routes: ``POST /v1/predict``, ``GET /v1/models``, ``GET /health`` (liveness),
-``GET /ready`` (every predictor and the cache answer), ``GET /`` (service index).
+``GET /ready`` (every predictor and the cache answer), ``GET /costs`` (tokens and dollars by
+model, variant and module), ``GET /config`` (the effective config, allow-listed), ``GET /``.
 
 Admission order on ``POST /v1/predict`` (cheapest first; nothing here touches an LM or a
 breaker): content type (415) -> declared length (413, before reading) -> streamed length
@@ -120,11 +121,15 @@ class HttpApi:
 
     async def _predict(self, request: Request, request_id: str) -> Response:
         limits = self.core.args.limits
-        raw = await read_json_body(request, limits.max_body_bytes, limits.max_json_depth)
         try:
-            body = PredictRequest.model_validate(raw)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
+            raw = await read_json_body(request, limits.max_body_bytes, limits.max_json_depth)
+            try:
+                body = PredictRequest.model_validate(raw)
+            except ValidationError as exc:
+                raise _validation_error(exc) from None
+        except InvalidRequest as exc:
+            self.core.record_error(None, exc.code)  # the core never saw this request
+            raise
         outcome = await self.core.predict(body, request_id)
         return JSONResponse(outcome.body, headers=outcome.headers)
 
@@ -133,6 +138,15 @@ class HttpApi:
             return JSONResponse({"models": await self.core.models()})
 
         return await self._guard(request, handler)
+
+    async def costs(self, request: Request) -> Response:
+        async def handler(_: Request, __: str) -> Response:
+            return JSONResponse(await self.core.costs())
+
+        return await self._guard(request, handler)
+
+    async def config(self, request: Request) -> Response:
+        return JSONResponse(self.core.args.public_view())
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -155,6 +169,8 @@ class HttpApi:
                     "models": "/v1/models",
                     "health": "/health",
                     "ready": "/ready",
+                    "costs": "/costs",
+                    "config": "/config",
                 },
             }
         )
@@ -166,6 +182,8 @@ def build_http_app(core: RouterCore) -> Starlette:
         routes=[
             Route("/v1/predict", api.predict, methods=["POST"]),
             Route("/v1/models", api.models, methods=["GET"]),
+            Route("/costs", api.costs, methods=["GET"]),
+            Route("/config", api.config, methods=["GET"]),
             Route("/health", api.health, methods=["GET"]),
             Route("/ready", api.ready, methods=["GET"]),
             Route("/", api.index, methods=["GET"]),

@@ -1,42 +1,95 @@
-"""In-process counters every core reports to.
+"""Counters, gauges and histograms every core reports to, and their export to Ray.
 
-``Counters`` is plain Python (unit tests read it directly; ``/ready`` detail shows it). It
-never raises into a request: a failing sink is dropped and counted, because a metrics
-failure must never fail a request. Deployments may attach a sink that forwards each
-increment to ``ray.serve.metrics`` so the same numbers reach Prometheus and the dashboard.
+``Counters`` is plain Python: unit tests read it directly and ``/ready`` detail shows it. A
+deployment attaches a sink (``RaySink``) that forwards each observation to
+``ray.serve.metrics``, so the same numbers reach Ray's Prometheus endpoint and dashboard as
+``ray_dspy_*``. Nothing here raises into a request: a failing sink is dropped and counted,
+because a metrics failure must never fail a request.
+
+Exported families (internal name -> Ray metric; Ray adds ``deployment``, ``replica``,
+``application`` tags and ``_total`` to counters):
+
+| internal              | kind      | exported as                  | labels                          |
+|-----------------------|-----------|------------------------------|---------------------------------|
+| predictions           | counter   | dspy_predictions             | model, variant, outcome, cache  |
+| prediction_latency_ms | histogram | dspy_prediction_latency_ms   | model, variant                  |
+| cache_ops             | counter   | dspy_cache_operations        | tier, op, result                |
+| breaker_state         | gauge     | dspy_breaker_state           | model                           |
+| cost_usd              | counter   | dspy_cost_usd                | model, variant                  |
+| tokens                | counter   | dspy_tokens                  | model, variant, type            |
+| active_predictions    | gauge     | dspy_active_predictions      | model                           |
+| errors                | counter   | dspy_errors                  | model, code                     |
+
+Other internal counters (cache_client_errors, fallbacks, ...) stay in-process.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Counters", "Sink"]
+__all__ = ["Counters", "Sink", "RaySink", "FAMILIES", "LATENCY_BUCKETS_MS"]
 
-Sink = Callable[[str, dict[str, str], float], None]
+Kind = Literal["counter", "gauge", "histogram"]
+Sink = Callable[[Kind, str, dict[str, str], float], None]
+
+# Around the SLOs (p95 < 500 ms, p99 < 1 s), from a cache hit to a slow multi-call program.
+LATENCY_BUCKETS_MS = [25.0, 50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0, 10000.0]
+
+FAMILIES: dict[str, tuple[Kind, str, tuple[str, ...], str]] = {
+    "predictions": ("counter", "dspy_predictions", ("model", "variant", "outcome", "cache"),
+                    "Predictions answered, by outcome (ok, degraded, error) and cache status."),
+    "prediction_latency_ms": ("histogram", "dspy_prediction_latency_ms", ("model", "variant"),
+                              "Router-side latency of /v1/predict in milliseconds."),
+    "cache_ops": ("counter", "dspy_cache_operations", ("tier", "op", "result"),
+                  "Cache operations by tier, operation and result."),
+    "breaker_state": ("gauge", "dspy_breaker_state", ("model",),
+                      "Circuit breaker state of this predictor replica: 0 closed, 1 half-open, 2 open."),
+    "cost_usd": ("counter", "dspy_cost_usd", ("model", "variant"), "LM spend in US dollars."),
+    "tokens": ("counter", "dspy_tokens", ("model", "variant", "type"), "LM tokens by type (input, output)."),
+    "active_predictions": ("gauge", "dspy_active_predictions", ("model",),
+                           "Predictions running in this predictor replica."),
+    "errors": ("counter", "dspy_errors", ("model", "code"), "Client-visible errors by stable error code."),
+}
 
 
 class Counters:
-    """Monotonic counters keyed by name and sorted labels."""
+    """Monotonic counters, last-value gauges and histogram observations, keyed by name and
+    sorted labels. ``inc`` keeps counting even when the sink fails."""
 
     def __init__(self, sink: Sink | None = None) -> None:
         self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self._sink = sink
+
+    def _emit(self, kind: Kind, name: str, labels: dict[str, str], value: float) -> None:
+        if self._sink is None:
+            return
+        try:
+            self._sink(kind, name, labels, value)
+        except Exception:  # noqa: BLE001 - metrics never fail a request
+            self._counts[("metrics_errors", ())] += 1
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self._counts[(name, tuple(sorted(labels.items())))] += value
-        if self._sink is not None:
-            try:
-                self._sink(name, labels, value)
-            except Exception:  # noqa: BLE001 - metrics never fail a request
-                self._counts[("metrics_errors", ())] += 1
+        self._emit("counter", name, labels, value)
+
+    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+        self._gauges[(name, tuple(sorted(labels.items())))] = value
+        self._emit("gauge", name, labels, value)
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self._counts[(f"{name}_count", tuple(sorted(labels.items())))] += 1
+        self._counts[(f"{name}_sum", tuple(sorted(labels.items())))] += value
+        self._emit("histogram", name, labels, value)
 
     def get(self, name: str, **labels: str) -> float:
-        return self._counts.get((name, tuple(sorted(labels.items()))), 0.0)
+        key = (name, tuple(sorted(labels.items())))
+        return self._counts.get(key, self._gauges.get(key, 0.0))
 
     def total(self, name: str, **match: str) -> float:
-        """Sum of ``name`` over every label set that includes ``match``."""
+        """Sum of counter ``name`` over every label set that includes ``match``."""
         return sum(
             v
             for (n, labels), v in self._counts.items()
@@ -44,6 +97,42 @@ class Counters:
         )
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [
-            {"name": n, "labels": dict(labels), "value": v} for (n, labels), v in sorted(self._counts.items())
-        ]
+        items = list(self._counts.items()) + list(self._gauges.items())
+        return [{"name": n, "labels": dict(labels), "value": v} for (n, labels), v in sorted(items)]
+
+
+class RaySink:
+    """Forwards the exported families to ``ray.serve.metrics`` (created lazily, inside a
+    replica); names it does not export are ignored."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Any] = {}
+
+    def _metric(self, name: str) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            from ray.serve import metrics as serve_metrics
+
+            kind, exported, tag_keys, description = FAMILIES[name]
+            if kind == "counter":
+                metric = serve_metrics.Counter(exported, description=description, tag_keys=tag_keys)
+            elif kind == "gauge":
+                metric = serve_metrics.Gauge(exported, description=description, tag_keys=tag_keys)
+            else:
+                metric = serve_metrics.Histogram(
+                    exported, description=description, boundaries=LATENCY_BUCKETS_MS, tag_keys=tag_keys
+                )
+            self._metrics[name] = metric
+        return metric
+
+    def __call__(self, kind: Kind, name: str, labels: dict[str, str], value: float) -> None:
+        if name not in FAMILIES:
+            return
+        metric = self._metric(name)
+        tags = {k: str(labels.get(k, "")) for k in FAMILIES[name][2]}
+        if kind == "counter":
+            metric.inc(value, tags=tags)
+        elif kind == "gauge":
+            metric.set(value, tags=tags)
+        else:
+            metric.observe(value, tags=tags)

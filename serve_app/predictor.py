@@ -28,19 +28,29 @@ from typing import Any, TypedDict
 import dspy
 from pydantic_core import to_jsonable_python
 
-from .breaker import BreakerConfig, BreakerOpen, CircuitBreaker, State
+from .breaker import BreakerOpen, CircuitBreaker, State
 from .classify import classify
 from .config import LMConfig, ModelConfig, ProgramRelease
 from .errors import CircuitOpen, InvalidRequest, ProgramOutputError
 from .metrics import Counters
 from .programs import LoadedProgram, load_program
+from .usage import ModuleUsage, Prices, module_paths, resolve_prices
 
 __all__ = ["PredictorCore", "PredictionPayload", "ModelInfoPayload", "build_lm", "validate_inputs"]
+
+
+class ModuleTokens(TypedDict):
+    input_tokens: int
+    output_tokens: int
+    calls: int
+    cost_usd: float | None
 
 
 class Usage(TypedDict):
     input_tokens: int
     output_tokens: int
+    cost_usd: float | None  # None: this model's price is unknown (unknown is not zero)
+    by_module: dict[str, ModuleTokens]
 
 
 class PredictionPayload(TypedDict):
@@ -101,14 +111,24 @@ def validate_inputs(expected: Iterable[str], inputs: Mapping[str, Any]) -> None:
         )
 
 
-def _sum_usage(prediction: Any) -> Usage:
+def _usage(prediction: Any, modules: ModuleUsage, prices: Prices | None) -> Usage:
+    """Totals from DSPy's usage tracking (every LM call of the program), split by module."""
     getter = getattr(prediction, "get_lm_usage", None)
     usage = getter() if callable(getter) else None
     tin = tout = 0
     for per_lm in (usage or {}).values():
         tin += int(per_lm.get("prompt_tokens") or 0)
         tout += int(per_lm.get("completion_tokens") or 0)
-    return Usage(input_tokens=tin, output_tokens=tout)
+
+    def cost(i: int, o: int) -> float | None:
+        return None if prices is None else round(prices.cost(i, o), 10)
+
+    by_module = {
+        path: ModuleTokens(input_tokens=m["input_tokens"], output_tokens=m["output_tokens"], calls=m["calls"],
+                           cost_usd=cost(m["input_tokens"], m["output_tokens"]))
+        for path, m in modules.by_module.items()
+    }
+    return Usage(input_tokens=tin, output_tokens=tout, cost_usd=cost(tin, tout), by_module=by_module)
 
 
 class PredictorCore:
@@ -120,7 +140,6 @@ class PredictorCore:
         release: ProgramRelease | None = None,
         *,
         lm: dspy.BaseLM | None = None,
-        breaker_config: BreakerConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         counters: Counters | None = None,
         loader: Callable[[str, ProgramRelease], LoadedProgram] = load_program,
@@ -130,14 +149,17 @@ class PredictorCore:
         self._loader = loader
         self.counters = counters or Counters()
         self._lm = lm if lm is not None else build_lm(model.lm)
-        self.breaker = CircuitBreaker(
-            breaker_config or BreakerConfig(),
-            clock=clock,
-            on_transition=lambda old, new: self.counters.inc(
-                "breaker_transitions", model=model.name, to=State(new).name.lower()
-            ),
-        )
+        self.prices = resolve_prices(model.lm)
+        self.breaker = CircuitBreaker(model.breaker, clock=clock, on_transition=self._on_transition)
+        self.counters.set_gauge("breaker_state", float(State.CLOSED), model=model.name)
+        self.counters.set_gauge("active_predictions", 0.0, model=model.name)
+        self._active = 0
         self._program = self._load(release or model.release())
+        self._paths = module_paths(self._program.module)
+
+    def _on_transition(self, old: State, new: State) -> None:
+        self.counters.inc("breaker_transitions", model=self.model.name, to=State(new).name.lower())
+        self.counters.set_gauge("breaker_state", float(new), model=self.model.name)
 
     def _load(self, release: ProgramRelease) -> LoadedProgram:
         program = self._loader(self.model.program, release)
@@ -150,7 +172,8 @@ class PredictorCore:
 
     def reconfigure(self, release: ProgramRelease) -> None:
         """Load ``release`` and swap it in; on failure the old program keeps serving."""
-        self._program = self._load(release)
+        program = self._load(release)
+        self._program, self._paths = program, module_paths(program.module)
 
     def info(self) -> ModelInfoPayload:
         p = self._program
@@ -164,8 +187,8 @@ class PredictorCore:
             breaker=self.breaker.snapshot(),
         )
 
-    async def predict(self, inputs: Mapping[str, Any]) -> PredictionPayload:
-        program = self._program  # pin: a concurrent reconfigure must not change this call
+    async def predict(self, inputs: Mapping[str, Any], variant: str = "default") -> PredictionPayload:
+        program, paths = self._program, self._paths  # pin: a concurrent reconfigure must not change this call
         validate_inputs(program.input_names, inputs)
         try:
             permit = self.breaker.acquire()
@@ -174,10 +197,13 @@ class PredictorCore:
                 f"model '{self.model.name}' is failing; calls are paused", retry_after_s=exc.retry_after_s
             ) from None
         started = self._clock()
+        modules = ModuleUsage(paths)
+        self._active += 1
+        self.counters.set_gauge("active_predictions", float(self._active), model=self.model.name)
         with permit:  # exits without an outcome (cancellation, bugs) release the permit
             try:
                 async with asyncio.timeout(self.model.timeout_s):
-                    with dspy.context(track_usage=True, disable_history=True):
+                    with dspy.context(track_usage=True, disable_history=True, callbacks=[modules]):
                         prediction = await program.module.acall(**inputs)
             except asyncio.CancelledError:
                 raise
@@ -188,13 +214,22 @@ class PredictorCore:
                 else:
                     permit.release()
                 raise result.error from None
+            finally:
+                self._active -= 1
+                self.counters.set_gauge("active_predictions", float(self._active), model=self.model.name)
             permit.success()
+        usage = _usage(prediction, modules, self.prices)
+        labels = {"model": self.model.name, "variant": variant}
+        self.counters.inc("tokens", usage["input_tokens"], type="input", **labels)
+        self.counters.inc("tokens", usage["output_tokens"], type="output", **labels)
+        if usage["cost_usd"] is not None:
+            self.counters.inc("cost_usd", usage["cost_usd"], **labels)
         outputs = self._outputs(program, prediction)
         return PredictionPayload(
             model=self.model.name,
             program_version=program.version,
             outputs=outputs,
-            usage=_sum_usage(prediction),
+            usage=usage,
             latency_ms=round((self._clock() - started) * 1000.0, 3),
         )
 

@@ -12,7 +12,10 @@ Contract of ``RouterCore.predict(request, request_id)``:
 - identical concurrent misses share one predictor call (``SingleFlight``);
 - a successful prediction is written back after the waiters are answered, under the key of
   the program version that actually answered; errors are never cached;
-- the whole call has the router deadline (``limits.request_timeout_s``).
+- the whole call has the router deadline (``limits.request_timeout_s``);
+- when a model with a ``fallback`` fails retryably (breaker open, provider error, timeout,
+  rate limit), the fallback model answers through the same cache-through path and the
+  response says ``degraded: true``, ``served_by`` and ``X-Degraded``.
 
 The program version used in cache keys comes from each predictor's ``info()``, refreshed
 every ``info_refresh_s`` and immediately whenever a prediction reports a newer version.
@@ -30,15 +33,20 @@ from typing import Any, Protocol
 
 from .cache import CacheLookup, cache_key
 from .config import AppArgs, ModelConfig
-from .errors import Overloaded, UnknownModel, UpstreamTimeout
+from .errors import CircuitOpen, Overloaded, ServeAppError, UnknownModel, UpstreamError, UpstreamTimeout
 from .metrics import Counters
 from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
 from .schemas import CacheStatus, PredictRequest
+from .logs import log_prediction
 from .singleflight import SingleFlight
 
 __all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
 
 DEFAULT_VARIANT = "default"
+_FREE: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
+
+# Failures of a model that another model can cover (all retryable, none the client's fault).
+_FALLBACK_ON = (CircuitOpen, UpstreamError, UpstreamTimeout, Overloaded)
 
 
 class PredictorClient(Protocol):
@@ -50,6 +58,8 @@ class CacheClient(Protocol):
     async def get(self, key: str) -> CacheLookup | None: ...
     async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool: ...
     async def stats(self) -> dict[str, Any]: ...
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None: ...
+    async def cost_report(self) -> dict[str, Any]: ...
 
 
 class PredictOutcome:
@@ -88,6 +98,7 @@ class RouterCore:
         self.args = args
         self._predictors = dict(predictors)
         self._cache = cache if args.cache.enabled else None
+        self._ledger = cache  # the cost book lives in the Cache deployment even with caching off
         self._clock = clock
         self.counters = counters or Counters()
         self._info: dict[str, ModelInfoPayload] = {}
@@ -144,14 +155,56 @@ class RouterCore:
         )
 
     async def predict(self, request: PredictRequest, request_id: str) -> PredictOutcome:
+        """Answer one prediction and account for it (metrics, log line), whatever happens."""
         started = self._clock()
+        try:
+            outcome = await self._predict_outcome(request, request_id, started)
+        except ServeAppError as exc:
+            self._account_error(request.model, exc.code, started, request_id)
+            raise
+        except Exception:
+            self._account_error(request.model, "internal", started, request_id)
+            raise
+        return outcome
+
+    def record_error(self, model: str | None, code: str) -> None:
+        """Count an error raised before the core (admission at the HTTP layer)."""
+        self.counters.inc("errors", model=self._model_label(model), code=code)
+
+    def _model_label(self, name: str | None) -> str:
+        # Only configured names become label values: a client cannot mint series.
+        return name if name is not None and self.args.model(name) is not None else "-"
+
+    def _account_error(self, model: str, code: str, started: float, request_id: str) -> None:
+        label = self._model_label(model)
+        latency_ms = (self._clock() - started) * 1000.0
+        self.counters.inc("errors", model=label, code=code)
+        self.counters.inc("predictions", model=label, variant=DEFAULT_VARIANT, outcome="error", cache="NONE")
+        self.counters.observe("prediction_latency_ms", latency_ms, model=label, variant=DEFAULT_VARIANT)
+        log_prediction(request_id=request_id, model=label, variant=DEFAULT_VARIANT, outcome="error",
+                       error_code=code, latency_ms=latency_ms)
+
+    async def _predict_outcome(self, request: PredictRequest, request_id: str, started: float) -> PredictOutcome:
         model = self._model(request.model)
+        served = model
         try:
             async with asyncio.timeout(self.args.limits.request_timeout_s):
-                payload, status = await self._predict(model, request)
+                try:
+                    payload, status, shared = await self._predict(model, request)
+                except ServeAppError as exc:
+                    fallback = self._fallback_for(model, exc)
+                    if fallback is None:
+                        raise
+                    self.counters.inc("fallbacks", model=model.name, fallback=fallback.name, code=exc.code)
+                    payload, status, shared = await self._predict(fallback, request)
+                    served = fallback
         except TimeoutError:
             raise UpstreamTimeout(f"model '{model.name}' did not answer within the request deadline") from None
         cached = status.startswith("HIT")
+        degraded = served is not model
+        # Usage is what THIS request cost: a hit or a coalesced follower made no LM call.
+        paid = not cached and not shared
+        usage = payload["usage"] if paid else _FREE
         latency_ms = round((self._clock() - started) * 1000.0, 3)
         body = {
             "request_id": request_id,
@@ -160,30 +213,52 @@ class RouterCore:
             "program_version": payload["program_version"],
             "outputs": payload["outputs"],
             "cached": cached,
-            # A hit spent no tokens: usage is what THIS request cost.
-            "usage": {"input_tokens": 0, "output_tokens": 0} if cached else payload["usage"],
+            "usage": usage,
             "latency_ms": latency_ms,
+            "degraded": degraded,
+            "served_by": served.name,
         }
-        self.counters.inc("predictions", model=model.name, cache=status)
+        outcome = "degraded" if degraded else "ok"
+        self.counters.inc("predictions", model=model.name, variant=DEFAULT_VARIANT, outcome=outcome, cache=status)
+        self.counters.observe("prediction_latency_ms", latency_ms, model=model.name, variant=DEFAULT_VARIANT)
+        cost = usage.get("cost_usd")
         headers = {
             "X-Cache": status,
             "X-Model-Variant": DEFAULT_VARIANT,
             "X-Response-Time": f"{latency_ms:.1f}ms",
+            "X-Cost-USD": "unknown" if cost is None else f"{cost:.10f}".rstrip("0").rstrip(".") or "0",
         }
+        if degraded:
+            headers["X-Degraded"] = f"fallback={served.name}"
+        if shared:
+            headers["X-Coalesced"] = "true"
+        log_prediction(request_id=request_id, model=model.name, variant=DEFAULT_VARIANT, outcome=outcome,
+                       served_by=served.name, cache=status, input_tokens=usage["input_tokens"],
+                       output_tokens=usage["output_tokens"], cost_usd=cost, latency_ms=latency_ms)
         return PredictOutcome(body, headers)
 
-    async def _predict(self, model: ModelConfig, request: PredictRequest) -> tuple[PredictionPayload, CacheStatus]:
+    def _fallback_for(self, model: ModelConfig, exc: ServeAppError) -> ModelConfig | None:
+        """The model to ask instead, when ``model`` failed in a way another model can cover:
+        its breaker is open, or its provider failed, timed out or is rate limiting."""
+        if model.fallback is None or not isinstance(exc, _FALLBACK_ON):
+            return None
+        return self.args.model(model.fallback)
+
+    async def _predict(
+        self, model: ModelConfig, request: PredictRequest
+    ) -> tuple[PredictionPayload, CacheStatus, bool]:
+        """``(payload, X-Cache status, shared)``; ``shared`` marks a coalesced follower."""
         info = await self.model_info(model.name)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
-            return await self._call_predictor(model, request.inputs), "BYPASS"
+            return await self._call_predictor(model, request.inputs), "BYPASS", False
         key = self._key(model, info["program_version"], request.inputs)
         hit = await self._cache_get(key)
         if hit is not None and _is_payload(hit.get("value")):
-            return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS"
+            return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
         if hit is not None:
             self.counters.inc("cache_client_errors", op="foreign_value")
-        payload, _shared = await self._flight.do(
+        payload, shared = await self._flight.do(
             key,
             lambda: self._call_predictor(model, request.inputs),
             # The write-back runs inside the flight: waiters already have the answer, and a
@@ -191,14 +266,16 @@ class RouterCore:
             then=lambda p: self._cache_set(self._key(model, p["program_version"], request.inputs), dict(p),
                                            model.cache_ttl_s),
         )
-        return payload, "MISS"
+        return payload, "MISS", shared
 
     async def _call_predictor(self, model: ModelConfig, inputs: Mapping[str, Any]) -> PredictionPayload:
+        """One LM-backed prediction (a leader's): also books its cost, in the background."""
         payload = await self._predictors[model.name].predict(inputs)
         known = self._info.get(model.name)
         if known is not None and known["program_version"] != payload["program_version"]:
             # The predictor was reconfigured: learn the new version now, not at next refresh.
             self._spawn(self._refresh_quietly(model.name))
+        self._spawn(self._record_usage(model.name, dict(payload["usage"])))
         return payload
 
     # ---- cache access: bounded, never raising -----------------------------------------
@@ -221,6 +298,22 @@ class RouterCore:
                 await self._cache.set(key, value, ttl_s)
         except Exception:  # noqa: BLE001 - a failed write is only a future miss
             self.counters.inc("cache_client_errors", op="set")
+
+    async def _record_usage(self, model: str, usage: dict[str, Any]) -> None:
+        if self._ledger is None:
+            return
+        try:
+            async with asyncio.timeout(self.args.cache.hop_timeout_s):
+                await self._ledger.record_usage(model, DEFAULT_VARIANT, usage)
+        except Exception:  # noqa: BLE001 - an unbooked cost is counted, never a failure
+            self.counters.inc("cost_book_errors")
+
+    async def costs(self) -> dict[str, Any]:
+        """``GET /costs``: the cost book's report (cluster-wide with Redis)."""
+        if self._ledger is None:
+            return {"scope": "none", "total": {}, "today": {}}
+        async with asyncio.timeout(self._info_timeout_s):
+            return await self._ledger.cost_report()
 
     async def _refresh_quietly(self, name: str) -> None:
         try:
@@ -258,7 +351,7 @@ class RouterCore:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ask every predictor and the cache; ``(all answered, detail)``."""
-        detail: dict[str, Any] = {"models": {}, "cache": None}
+        detail: dict[str, Any] = {"models": {}, "cache": None, "router": {"ops": self.counters.snapshot()}}
         ok = True
         for name in self._predictors:
             try:

@@ -50,6 +50,8 @@ class PredictResponse(BaseModel):
     cached: bool
     usage: UsageOut
     latency_ms: float
+    degraded: bool = Field(description="True when a fallback model answered instead of `model`.")
+    served_by: str = Field(description="The model that produced the outputs (`model`, or its fallback).")
 
 
 class ErrorDetail(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .harness import LMSim, RedisProcess, ServeCluster, free_port
+from .harness import CANARY, CANARY_ENV, LMSim, RedisProcess, ServeCluster, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,7 @@ def cluster() -> Iterator[ServeCluster]:
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ[CANARY_ENV] = CANARY  # inherited by every Ray worker started below
     import ray
     from ray import serve
 

@@ -19,6 +19,10 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+# A fake provider key exported into the session cluster's environment (as an operator exports
+# a real one before `ray start`); tests assert it never shows up in a log, header or body.
+CANARY_ENV = "SERVE_APP_TEST_CANARY_KEY"
+CANARY = "sk-canary-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -140,6 +144,10 @@ class LMSim:
     def calls(self) -> int:
         return int(self.ledger()["total"])
 
+    def model_calls(self, model: str) -> int:
+        """Calls recorded for one simulator model name (e.g. ``"sim-qa"``) since the last clear."""
+        return int(self.ledger()["by_model"].get(model, 0))
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -179,6 +187,26 @@ class ServeCluster:
 
         actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10_000)
         return {a.actor_id for a in actors if a.class_name.endswith(class_suffix)}
+
+    def actor_names(self, class_suffix: str) -> list[str]:
+        """Names of ALIVE actors whose class name ends with ``class_suffix`` (a replica of
+        deployment ``d`` in app ``a`` has class ``ServeReplica:a:d``), sorted."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.dashboard_url, filters=[("state", "=", "ALIVE")], limit=10_000)
+        return sorted(a.name for a in actors if a.class_name.endswith(class_suffix) and a.name)
+
+    def kill_actor(self, name: str, namespace: str = "serve") -> None:
+        """``ray.kill`` a named actor without restart (Serve's controller must replace it).
+        Needs the session's ``ray.init`` (the ``cluster`` fixture) in this process."""
+        import ray
+
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+
+    def replicas(self, app: str, deployment: str) -> list[dict[str, Any]]:
+        """Serve's view of one deployment's replicas (``state``, ``actor_name``, ...)."""
+        deployments = self.applications().get(app, {}).get("deployments", {})
+        return list(deployments.get(deployment, {}).get("replicas", []))
 
     def deploy(self, config: Mapping[str, Any] | Path, timeout_s: float = 180) -> None:
         """``serve deploy`` a config (dict or file) and wait until every app in it is RUNNING."""

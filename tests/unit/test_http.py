@@ -334,7 +334,8 @@ async def test_index(client: httpx.AsyncClient) -> None:
         "service": "unit",
         "version": __version__,
         "models": ["qa", "classify"],
-        "links": {"predict": "POST /v1/predict", "models": "/v1/models", "health": "/health", "ready": "/ready"},
+        "links": {"predict": "POST /v1/predict", "models": "/v1/models", "health": "/health", "ready": "/ready",
+                  "costs": "/costs", "config": "/config"},
     }
 
 

@@ -73,7 +73,10 @@ def make_core(
     kwargs: dict[str, Any] = {}
     if clock is not None:
         kwargs["clock"] = clock
-    return PredictorCore(model or model_config(), lm=lm, breaker_config=breaker, counters=Counters(), **kwargs)
+    model = model or model_config()
+    if breaker is not None:  # the breaker is configured per model, in the YAML
+        model = model.model_copy(update={"breaker": breaker})
+    return PredictorCore(model, lm=lm, counters=Counters(), **kwargs)
 
 
 TRIP_FAST = BreakerConfig(
@@ -96,7 +99,11 @@ async def test_qa_prediction(sim_lm: SimLM) -> None:
     assert all(isinstance(v, str) and v for v in payload["outputs"].values())
     assert payload["latency_ms"] == 125.0
     assert sim_lm.calls == 1
-    assert payload["usage"] == {"input_tokens": sim_lm.usage_log[0][0], "output_tokens": sim_lm.usage_log[0][1]}
+    tin, tout = sim_lm.usage_log[0]
+    assert payload["usage"] == {
+        "input_tokens": tin, "output_tokens": tout, "cost_usd": None,  # the test model names no price
+        "by_module": {"predict": {"input_tokens": tin, "output_tokens": tout, "calls": 1, "cost_usd": None}},
+    }
     json.dumps(payload)  # plain JSON-safe data, ready for a handle and a cache
 
 
@@ -120,7 +127,7 @@ async def test_pipeline_prediction_sums_usage_over_both_lm_calls(sim_lm: SimLM) 
     assert isinstance(outputs["word_count"], int) and not isinstance(outputs["word_count"], bool)
     assert isinstance(outputs["is_technical"], bool)
     assert sim_lm.calls == 2
-    assert payload["usage"] == {
+    assert {k: payload["usage"][k] for k in ("input_tokens", "output_tokens")} == {
         "input_tokens": sum(p for p, _ in sim_lm.usage_log),
         "output_tokens": sum(c for _, c in sim_lm.usage_log),
     }

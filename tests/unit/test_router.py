@@ -99,14 +99,16 @@ async def test_miss_then_memory_hit(core: RouterCore, fake_predictor: FakePredic
     assert len(fake_predictor.predict_calls) == 1
     assert first.body["cached"] is False and second.body["cached"] is True
     assert first.body["usage"] == {"input_tokens": 11, "output_tokens": 7}
-    assert second.body["usage"] == {"input_tokens": 0, "output_tokens": 0}, "a hit spends no tokens"
+    assert second.body["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}, (
+        "a hit spends no tokens")
+    assert second.headers["X-Cost-USD"] == "0"
     assert first.body["outputs"] == second.body["outputs"] == fake_outputs(Q)
     assert (first.body["request_id"], second.body["request_id"]) == ("r1", "r2")
     assert first.body["program_version"] == second.body["program_version"] == "v1"
     for body in (first.body, second.body):
         PredictResponse.model_validate(body)
-    assert core.counters.get("predictions", model="qa", cache="MISS") == 1
-    assert core.counters.get("predictions", model="qa", cache="HIT-MEMORY") == 1
+    assert core.counters.get("predictions", model="qa", variant="default", outcome="ok", cache="MISS") == 1
+    assert core.counters.get("predictions", model="qa", variant="default", outcome="ok", cache="HIT-MEMORY") == 1
 
 
 async def test_redis_tier_hit_is_labelled(fake_predictor: FakePredictor) -> None:
@@ -225,7 +227,11 @@ async def test_two_hundred_identical_cold_requests_make_one_call(
     await core.drain()
 
     assert len(fake_predictor.predict_calls) == 1
-    bodies = [without_volatile(o.body) for o in outcomes]
+    # One request paid for the LM call; the 199 coalesced followers cost nothing and say so.
+    paid = [o for o in outcomes if "X-Coalesced" not in o.headers]
+    assert len(paid) == 1 and paid[0].body["usage"]["input_tokens"] == 11
+    assert all(o.body["usage"]["input_tokens"] == 0 for o in outcomes if o is not paid[0])
+    bodies = [{k: v for k, v in without_volatile(o.body).items() if k != "usage"} for o in outcomes]
     assert all(b == bodies[0] for b in bodies)
     assert {o.body["request_id"] for o in outcomes} == {f"r{i}" for i in range(200)}
     assert {o.headers["X-Cache"] for o in outcomes} == {"MISS"}
@@ -333,7 +339,8 @@ async def test_latency_and_headers(fake_predictor: FakePredictor, fake_cache: Fa
     core = core_with({"qa": fake_predictor}, fake_cache, clock=clock)
     out = await ask(core)
     assert out.body["latency_ms"] == 250.0
-    assert out.headers == {"X-Cache": "MISS", "X-Model-Variant": "default", "X-Response-Time": "250.0ms"}
+    assert out.headers == {"X-Cache": "MISS", "X-Model-Variant": "default", "X-Response-Time": "250.0ms",
+                           "X-Cost-USD": out.headers["X-Cost-USD"]}
     assert out.body["variant"] == "default"
 
 
@@ -375,6 +382,7 @@ async def test_ready_when_everything_answers(core: RouterCore) -> None:
             "classify": {"ready": True, "program_version": "v1", "breaker": "CLOSED"},
         },
         "cache": {"ready": True, "memory_entries": 0},
+        "router": {"ops": []},
     }
 
 

@@ -1,0 +1,85 @@
+"""One structured log line per prediction, and a filter that keeps secrets out of every line.
+
+- ``log_prediction(**fields)`` logs ``"prediction"`` through Serve's ``ray.serve`` logger with
+  the fields as ``extra``: with ``logging_config: {encoding: JSON}`` they become top-level JSON
+  keys next to Serve's own (``request_id``, ``deployment``, ``replica``, ...).
+- ``SecretMask`` masks, in the message, its arguments, extra fields and exception text, the
+  literal values of configured secrets (API keys, Redis URLs read from the environment) and
+  anything shaped like a provider key or an Authorization value. ``install_secret_mask``
+  attaches it to the handlers of the root, ``ray`` and ``ray.serve`` loggers, so it applies to
+  library lines too. Logging never fails a request: a masking error drops nothing and raises
+  nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["log_prediction", "SecretMask", "install_secret_mask", "mask"]
+
+logger = logging.getLogger("ray.serve")
+
+MASK = "***"
+_PATTERNS = [
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),  # OpenAI-style keys
+    re.compile(r"\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE),
+    re.compile(r"(?i)\b(api[_-]?key|authorization|x-api-key|password|secret|token)(\"?\s*[:=]\s*\"?)([^\s\"',;}]{4,})"),
+    re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)"),  # user:password@ in URLs
+]
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def mask(text: str, literals: Iterable[str] = ()) -> str:
+    for secret in literals:
+        if secret:
+            text = text.replace(secret, MASK)
+    text = _PATTERNS[0].sub(MASK, text)
+    text = _PATTERNS[1].sub(MASK, text)
+    text = _PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+    text = _PATTERNS[3].sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
+    return text
+
+
+class SecretMask(logging.Filter):
+    def __init__(self, literals: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Longest first, so a secret that contains another is masked whole.
+        self._literals = sorted({s for s in literals if s and len(s) >= 4}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            record.msg = mask(record.getMessage(), self._literals)
+            record.args = None
+            for key, value in list(record.__dict__.items()):
+                if key not in _STANDARD and isinstance(value, str):
+                    setattr(record, key, mask(value, self._literals))
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = mask(record.exc_text, self._literals)
+        except Exception:  # noqa: BLE001 - never lose or break a log line over masking
+            pass
+        return True
+
+
+def install_secret_mask(literals: Iterable[str]) -> SecretMask:
+    """Attach one ``SecretMask`` to every handler of the root, ``ray`` and ``ray.serve``
+    loggers (idempotent: an earlier mask of ours is replaced)."""
+    mask_filter = SecretMask(literals)
+    for name in ("", "ray", "ray.serve"):
+        for handler in logging.getLogger(name).handlers:
+            for old in [f for f in handler.filters if isinstance(f, SecretMask)]:
+                handler.removeFilter(old)
+            handler.addFilter(mask_filter)
+    return mask_filter
+
+
+def log_prediction(**fields: Any) -> None:
+    """``"prediction"`` with ``fields`` as structured extras (never raises)."""
+    try:
+        logger.info("prediction", extra={k: v for k, v in fields.items() if v is not None})
+    except Exception:  # noqa: BLE001 - logging never fails a request
+        pass
