@@ -13,8 +13,12 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -35,14 +39,25 @@ class Prices:
         return (input_tokens * self.input_usd_per_mtok + output_tokens * self.output_usd_per_mtok) / 1e6
 
 
+@functools.lru_cache(maxsize=1)
+def _litellm_price_table() -> dict[str, Any]:
+    """litellm's bundled price table, read as JSON: the same data as ``litellm.model_cost``
+    with ``LITELLM_LOCAL_MODEL_COST_MAP``, without importing litellm (seconds) or going online."""
+    spec = importlib.util.find_spec("litellm")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "model_prices_and_context_window_backup.json"
+        if path.exists():
+            table = json.loads(path.read_text())
+            return table if isinstance(table, dict) else {}
+    return {}
+
+
 def resolve_prices(lm: LMConfig) -> Prices | None:
     """The config's prices, else litellm's table (offline copy), else None."""
     if lm.input_usd_per_mtok is not None and lm.output_usd_per_mtok is not None:
         return Prices(lm.input_usd_per_mtok, lm.output_usd_per_mtok, "config")
     try:
-        import litellm  # slow to import (seconds): only when the config names no price
-
-        table = litellm.model_cost
+        table = _litellm_price_table()
     except Exception:  # noqa: BLE001 - no price table is an unknown price, not a failure
         return None
     _, _, bare = lm.model.partition("/")

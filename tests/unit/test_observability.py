@@ -1,0 +1,216 @@
+"""Tokens and dollars per module, the cost book, secret masking, /config redaction, metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from serve_app.breaker import State
+from serve_app.config import LMConfig, ModelConfig
+from serve_app.costs import CostBook
+from serve_app.errors import UpstreamError
+from serve_app.logs import SecretMask, install_secret_mask, mask
+from serve_app.metrics import Counters
+from serve_app.predictor import PredictorCore
+from serve_app.usage import Prices, resolve_prices
+
+from .conftest import FakeClock, SimLM, app_args
+
+PRICED = {"input_usd_per_mtok": 0.15, "output_usd_per_mtok": 0.60}
+
+
+def _core(sim_lm: SimLM, name: str, program: str, counters: Counters, **lm: Any) -> PredictorCore:
+    model = ModelConfig(name=name, program=program, lm=LMConfig(model=f"openai/sim-{name}", timeout_s=1.0, **lm),
+                        timeout_s=2.0)
+    return PredictorCore(model, lm=sim_lm, counters=counters)
+
+
+async def test_pipeline_usage_is_attributed_to_each_stage_and_priced(sim_lm: SimLM) -> None:
+    counters = Counters()
+    core = _core(sim_lm, "pipeline", "serve_app.examples:build_pipeline", counters, **PRICED)
+    payload = await core.predict({"document": "Ray Serve scales DSPy programs."})
+    usage = payload["usage"]
+    (s_in, s_out), (e_in, e_out) = sim_lm.usage_log  # summarize, then extract
+    assert usage["by_module"]["summarize"]["input_tokens"] == s_in
+    assert usage["by_module"]["extract"]["output_tokens"] == e_out
+    assert {m["calls"] for m in usage["by_module"].values()} == {1}
+    assert usage["input_tokens"] == s_in + e_in and usage["output_tokens"] == s_out + e_out
+    assert math.isclose(usage["cost_usd"], ((s_in + e_in) * 0.15 + (s_out + e_out) * 0.60) / 1e6)
+    assert math.isclose(sum(m["cost_usd"] for m in usage["by_module"].values()), usage["cost_usd"])
+    # The same numbers go to the metrics families.
+    assert counters.get("tokens", model="pipeline", variant="default", type="input") == s_in + e_in
+    assert math.isclose(counters.get("cost_usd", model="pipeline", variant="default"), usage["cost_usd"])
+    assert counters.get("active_predictions", model="pipeline") == 0
+
+
+async def test_unknown_price_is_none_not_zero(sim_lm: SimLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("serve_app.predictor.resolve_prices", lambda lm: None)
+    counters = Counters()
+    core = _core(sim_lm, "qa", "serve_app.examples:build_qa", counters)
+    payload = await core.predict({"question": "x"})
+    assert payload["usage"]["cost_usd"] is None
+    assert counters.total("cost_usd") == 0  # nothing booked as if it were free
+
+
+def test_prices_from_config_and_from_litellm_table() -> None:
+    assert resolve_prices(LMConfig(model="openai/x", **PRICED)) == Prices(0.15, 0.60, "config")
+    table = resolve_prices(LMConfig(model="openai/gpt-4o-mini"))  # litellm's offline copy
+    assert table is not None and table.source == "litellm" and table.input_usd_per_mtok > 0
+    assert resolve_prices(LMConfig(model="openai/no-such-model-anywhere")) is None
+
+
+async def test_breaker_state_gauge_follows_transitions(sim_lm: SimLM) -> None:
+    counters = Counters()
+    core = _core(sim_lm, "qa", "serve_app.examples:build_qa", counters)
+    assert counters.get("breaker_state", model="qa") == State.CLOSED
+    core.breaker.acquire().failure(retry_after_s=10.0)  # a provider Retry-After forces it open
+    assert counters.get("breaker_state", model="qa") == State.OPEN
+
+
+class FakeHashStore:
+    def __init__(self) -> None:
+        self.hashes: dict[str, dict[str, float]] = {}
+        self.ttls: dict[str, float] = {}
+        self.down = False
+
+    async def hincr_many(self, increments: Mapping[str, Mapping[str, float]], ttl_s: Mapping[str, float]) -> bool:
+        if self.down:
+            return False
+        for key, fields in increments.items():
+            h = self.hashes.setdefault(key, {})
+            for f, v in fields.items():
+                h[f] = h.get(f, 0.0) + v
+        self.ttls.update(ttl_s)
+        return True
+
+    async def hgetall(self, key: str) -> dict[str, float] | None:
+        return None if self.down else dict(self.hashes.get(key, {}))
+
+
+USAGE = {"input_tokens": 100, "output_tokens": 20, "cost_usd": 0.0000270,
+         "by_module": {"summarize": {"input_tokens": 60, "output_tokens": 10, "cost_usd": 0.000015, "calls": 1}}}
+
+
+async def test_cost_book_is_cluster_wide_through_the_shared_store() -> None:
+    store = FakeHashStore()
+    day0 = 1_795_305_600.0  # 2026-11-22T00:00:00Z
+    a = CostBook("svc", store, wall=lambda: day0 + 10)
+    b = CostBook("svc", store, wall=lambda: day0 + 20)  # another replica
+    await a.record("pipeline", "default", USAGE)
+    await b.record("pipeline", "default", USAGE)
+    report = await a.report()
+    assert report["scope"] == "cluster" and report["day"] == "2026-11-22"
+    slot = report["today"]["pipeline"]["default"]
+    assert slot["requests"] == 2 and slot["input_tokens"] == 200 and math.isclose(slot["cost_usd"], 0.000054)
+    assert slot["modules"]["summarize"]["input_tokens"] == 120
+    assert store.ttls == {"svc:costs:day:2026-11-22": 8 * 86_400}
+
+
+async def test_cost_book_falls_back_to_this_replica_and_says_so() -> None:
+    store = FakeHashStore()
+    book = CostBook("svc", store)
+    store.down = True
+    await book.record("qa", "default", USAGE)
+    report = await book.report()
+    assert report["scope"] == "replica (shared store unavailable)"
+    assert report["total"]["qa"]["default"]["requests"] == 1
+    local = CostBook("svc", None)
+    await local.record("qa", "default", USAGE)
+    assert (await local.report())["scope"] == "replica"
+
+
+async def test_cost_book_day_rolls_over() -> None:
+    clock = FakeClock(1_795_305_600.0 + 86_000)
+    book = CostBook("svc", None, wall=clock)
+    await book.record("qa", "default", USAGE)
+    clock.advance(1_000)  # next UTC day
+    await book.record("qa", "default", USAGE)
+    report = await book.report()
+    assert report["total"]["qa"]["default"]["requests"] == 2
+    assert report["today"]["qa"]["default"]["requests"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("calling with key sk-proj-AbCdEf0123456789", "sk-proj-AbCdEf0123456789"),
+        ("headers={'Authorization': 'Bearer abcdefghijklmnop'}", "abcdefghijklmnop"),
+        ('{"api_key": "hunter2hunter2"}', "hunter2hunter2"),
+        ("redis://user:s3cretpw@redis:6379/0", "s3cretpw"),
+        ("x-api-key=zzzz1234yyyy", "zzzz1234yyyy"),
+    ],
+)
+def test_mask_hides_key_shaped_values(text: str, secret: str) -> None:
+    assert secret not in mask(text)
+
+
+def test_secret_mask_filter_covers_message_args_extras_and_exceptions(caplog: pytest.LogCaptureFixture) -> None:
+    literal = "plain-looking-secret-value"
+    log = logging.getLogger("serve_app.test.mask")
+    handler = logging.Handler()
+    records: list[logging.LogRecord] = []
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(SecretMask([literal]))
+    log.addHandler(handler)
+    try:
+        log.warning("key %s in args", literal, extra={"detail": f"extra {literal}"})
+        try:
+            raise UpstreamError(f"provider said {literal}")
+        except UpstreamError:
+            log.exception("failed")
+    finally:
+        log.removeHandler(handler)
+    assert len(records) == 2
+    for record in records:
+        assert literal not in record.getMessage()
+        assert literal not in str(getattr(record, "detail", ""))
+        assert literal not in (record.exc_text or "")
+
+
+def test_install_secret_mask_is_idempotent() -> None:
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        install_secret_mask(["aaaa-secret"])
+        install_secret_mask(["bbbb-secret"])
+        masks = [f for f in handler.filters if isinstance(f, SecretMask)]
+        assert len(masks) == 1
+    finally:
+        root.removeHandler(handler)
+
+
+def test_public_view_is_an_allow_list_without_secrets() -> None:
+    args = app_args(cache={"redis": {"url_env": "CACHE_REDIS_URL"}})
+    view = args.public_view()
+    assert view["cache"]["redis"] == {"configured": True, "url_env": "CACHE_REDIS_URL", "url_set_in_config": False}
+    assert set(view["models"][0]["lm"]) >= {"model", "api_key_env", "temperature"}
+    assert "redis_url" not in str(view)
+    assert args.secret_env_names() == ["CACHE_REDIS_URL"]
+
+
+def test_counters_gauges_and_histograms_reach_the_sink() -> None:
+    seen: list[tuple[str, str, dict[str, str], float]] = []
+    counters = Counters(sink=lambda kind, name, labels, value: seen.append((kind, name, labels, value)))
+    counters.set_gauge("breaker_state", 2.0, model="qa")
+    counters.observe("prediction_latency_ms", 12.5, model="qa", variant="default")
+    counters.observe("prediction_latency_ms", 7.5, model="qa", variant="default")
+    assert counters.get("breaker_state", model="qa") == 2.0
+    assert counters.get("prediction_latency_ms_count", model="qa", variant="default") == 2
+    assert counters.get("prediction_latency_ms_sum", model="qa", variant="default") == 20.0
+    assert [s[0] for s in seen] == ["gauge", "histogram", "histogram"]
+
+
+def test_a_failing_sink_never_fails_the_caller() -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("exporter down")
+
+    counters = Counters(sink=broken)
+    counters.inc("predictions", model="qa")
+    counters.set_gauge("breaker_state", 1.0, model="qa")
+    assert counters.get("predictions", model="qa") == 1
+    assert counters.get("metrics_errors") == 2
