@@ -55,7 +55,8 @@ def build_apps(apps: Sequence[str], sim_api_base: str, redis_url: str | None,
     ``cache_timeout_s`` overrides the router's budget for one cache call (default 0.1 s)."""
     caches: dict[str, dict[str, Any]] = {
         "mem": {"key_prefix": "bench_mem", "memory_max_entries": 10000, "memory_ttl_s": 300},
-        "redis": {"key_prefix": "bench_redis", "memory_max_entries": 0, "redis": {"url": redis_url}},
+        "redis": {"key_prefix": "bench_redis", "memory_max_entries": 0, "near_max_entries": 0,
+                  "redis": {"url": redis_url}},
         "both": {"key_prefix": "bench_both", "memory_max_entries": 10000, "memory_ttl_s": 300,
                  "redis": {"url": redis_url}},
     }

@@ -200,6 +200,14 @@ class CacheConfig(Frozen):
     timeout_s: float = Field(
         default=0.1, gt=0, le=5, description="Budget for one Redis call inside the Cache deployment."
     )
+    near_max_entries: int = Field(
+        default=10_000, ge=0, le=1_000_000,
+        description="Router-local near cache in front of the Cache deployment (0 turns it off).",
+    )
+    near_ttl_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="Near-cache TTL: short, since each router replica keeps its own copy.",
+    )
     hop_timeout_s: float = Field(
         default=1.0,
         gt=0,
@@ -266,7 +274,7 @@ class AppArgs(Frozen):
         model_fields = ("name", "description", "program", "state", "allow_pickle", "timeout_s", "cache_ttl_s",
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
-                        "max_value_bytes", "timeout_s", "hop_timeout_s")
+                        "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s")
         return {
             "service_name": self.service_name,
             "models": [

@@ -7,8 +7,10 @@ Contract of ``RouterCore.predict(request, request_id)``:
 - unknown model -> 404; inputs checked against the model's input fields before any hop
   (422 naming the field, no LM call);
 - ``cache: false`` (or a disabled cache) goes straight to the predictor (``X-Cache: BYPASS``);
-- otherwise the cache is asked within ``cache.hop_timeout_s``; a slow or failing cache, or a
-  value that is not a prediction, is a miss plus a counter, never a failed request;
+- otherwise the router's near cache (a small LRU with a short TTL) answers repeated hits
+  without a hop; then the Cache deployment is asked within ``cache.hop_timeout_s``; a slow or
+  failing cache, or a value that is not a prediction, is a miss plus a counter, never a
+  failed request;
 - identical concurrent misses share one predictor call (``SingleFlight``);
 - a successful prediction is written back after the waiters are answered, under the key of
   the program version that actually answered; errors are never cached;
@@ -31,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from .cache import CacheLookup, cache_key
+from .cache import CacheLookup, MemoryTier, cache_key
 from .config import AppArgs, ModelConfig
 from .errors import CircuitOpen, Overloaded, ServeAppError, UnknownModel, UpstreamError, UpstreamTimeout
 from .metrics import Counters
@@ -105,6 +107,9 @@ class RouterCore:
         self._info_refresh_s = info_refresh_s
         self._info_timeout_s = info_timeout_s
         self._flight: SingleFlight[PredictionPayload] = SingleFlight(flight_context)
+        # Repeated hits are answered here, without a hop to the Cache deployment. Keys carry
+        # the program version, so a swap never serves an old answer from here either.
+        self._near = MemoryTier(args.cache.near_max_entries, args.cache.near_ttl_s, clock)
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- model directory -------------------------------------------------------------
@@ -253,8 +258,13 @@ class RouterCore:
         if self._cache is None or not request.cache:
             return await self._call_predictor(model, request.inputs), "BYPASS", False
         key = self._key(model, info["program_version"], request.inputs)
+        near = self._near.get(key)
+        if near is not None:
+            self.counters.inc("cache_ops", tier="near", op="get", result="hit")
+            return near, "HIT-MEMORY", False
         hit = await self._cache_get(key)
         if hit is not None and _is_payload(hit.get("value")):
+            self._near.set(key, hit["value"], model.cache_ttl_s)
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
         if hit is not None:
             self.counters.inc("cache_client_errors", op="foreign_value")
@@ -293,6 +303,7 @@ class RouterCore:
 
     async def _cache_set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> None:
         assert self._cache is not None
+        self._near.set(key, value, ttl_s)
         try:
             async with asyncio.timeout(self.args.cache.hop_timeout_s):
                 await self._cache.set(key, value, ttl_s)

@@ -2,7 +2,7 @@
 
 Two applications share one real redis-server under one key prefix:
 - ``/ra``: memory tier (max 200 entries) in front of Redis, four qa-shaped models;
-- ``/rb``: memory tier disabled, so every hit must come from Redis.
+- ``/rb``: memory tier and the router's near cache disabled, so every hit must come from Redis.
 Faults are real: the redis-server process is killed with SIGKILL or frozen with SIGSTOP.
 """
 
@@ -48,7 +48,7 @@ def _config(sim: LMSim, redis: RedisProcess, qa_state: str = "configs/states/qa_
     )
     app_b = dspy_app(
         "redis_b", "/rb", [sim_model("qa", sim.api_base, QA)],
-        cache={"key_prefix": PREFIX, "memory_max_entries": 0, "redis": redis_cfg},
+        cache={"key_prefix": PREFIX, "memory_max_entries": 0, "near_max_entries": 0, "redis": redis_cfg},
     )
     return serve_config(app_a, app_b)
 

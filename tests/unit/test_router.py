@@ -111,9 +111,12 @@ async def test_miss_then_memory_hit(core: RouterCore, fake_predictor: FakePredic
     assert core.counters.get("predictions", model="qa", variant="default", outcome="ok", cache="HIT-MEMORY") == 1
 
 
+NO_NEAR = {"timeout_s": 0.05, "near_max_entries": 0}  # every lookup goes to the Cache deployment
+
+
 async def test_redis_tier_hit_is_labelled(fake_predictor: FakePredictor) -> None:
     cache = FakeCache(tier="redis")
-    core = core_with({"qa": fake_predictor}, cache)
+    core = core_with({"qa": fake_predictor}, cache, args=app_args(cache=NO_NEAR))
     await ask(core)
     await core.drain()
     assert (await ask(core)).headers["X-Cache"] == "HIT-REDIS"
@@ -344,9 +347,8 @@ async def test_latency_and_headers(fake_predictor: FakePredictor, fake_cache: Fa
     assert out.body["variant"] == "default"
 
 
-async def test_foreign_cached_value_is_a_miss(
-    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
-) -> None:
+async def test_foreign_cached_value_is_a_miss(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache=NO_NEAR))
     await ask(core)
     await core.drain()
     key = fake_cache.set_calls[0][0]
@@ -429,3 +431,31 @@ async def test_refresh_loop_survives_failures(core: RouterCore, fake_predictor: 
     assert ticks == [1.0, 1.0, 1.0]
     assert core.counters.get("info_refresh_errors", model="qa") == 2
     assert (await core.model_info("qa"))["program_version"] == "v1"
+
+
+async def test_near_cache_answers_repeated_hits_without_a_hop(fake_predictor: FakePredictor,
+                                                              fake_cache: FakeCache) -> None:
+    clock = FakeClock()
+    core = core_with({"qa": fake_predictor}, fake_cache, clock=clock)
+    await ask(core)
+    await core.drain()
+    gets = len(fake_cache.get_calls)
+    hit = await ask(core)
+    assert hit.headers["X-Cache"] == "HIT-MEMORY" and hit.body["cached"] is True
+    assert len(fake_cache.get_calls) == gets, "a near hit made a hop"
+    assert core.counters.get("cache_ops", tier="near", op="get", result="hit") == 1
+    clock.advance(core.args.cache.near_ttl_s + 0.1)  # near entry expired: ask the Cache again
+    assert (await ask(core)).headers["X-Cache"] == "HIT-MEMORY"
+    assert len(fake_cache.get_calls) == gets + 1
+    assert len(fake_predictor.predict_calls) == 1
+
+
+async def test_near_cache_never_serves_another_program_version(fake_predictor: FakePredictor,
+                                                               fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache)
+    await ask(core)
+    await core.drain()
+    fake_predictor.version = "v2"
+    await core.refresh_info("qa")
+    out = await ask(core)
+    assert out.headers["X-Cache"] == "MISS" and out.body["program_version"] == "v2"
