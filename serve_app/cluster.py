@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import itertools
 import json
 import re
 import sys
@@ -33,17 +34,17 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "ManifestError",
     "TARGETS",
+    "ManifestError",
     "check_serve_config",
     "find_secrets",
     "graceful_timeouts",
+    "main",
     "render_dashboards_kustomization",
     "render_prometheus_rule",
     "render_rayservice",
     "render_serve_config_patch",
     "render_targets",
-    "main",
 ]
 
 BUILD_APP = "serve_app.app:build_app"
@@ -65,9 +66,9 @@ _SECRET_VALUE = [
     (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), "a Slack token"),
     (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), "a Google API key"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
-    (re.compile(r"\bBearer\s+[A-Za-z0-9._~+/=-]{8,}", re.I), "a bearer token"),
+    (re.compile(r"\bBearer\s+[A-Za-z0-9._~+/=-]{8,}", re.IGNORECASE), "a bearer token"),
     (re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:[^/\s@]+@"), "a URL with a password"),
-    (re.compile(r"[?&]password=", re.I), "a password query parameter"),
+    (re.compile(r"[?&]password=", re.IGNORECASE), "a password query parameter"),
 ]
 
 
@@ -83,7 +84,7 @@ def _secret_key(key: str) -> bool:
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower().replace("-", "_").replace(".", "_").split("_")
     if words[-1] == "env":
         return False
-    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+    return bool(_SECRET_WORDS.intersection(words)) or any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
 
 
 def find_secrets(node: Any, path: str = "") -> list[str]:
@@ -202,7 +203,7 @@ def _load_yaml(path: Path) -> Any:
 # ----------------------------------------------------------------------------- YAML output
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # PyYAML ships no type stubs
     """Block style everywhere; multi-line strings as literal blocks (readable serveConfigV2)."""
 
 
@@ -216,7 +217,7 @@ _Dumper.add_representer(str, _str)
 
 
 def _dump(doc: Any) -> str:
-    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+    return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True))
 
 
 def _header(*sources: str) -> str:
@@ -395,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "render-all":
-            ok = all([_emit(args.root / rel, text, args.check) for rel, text in render_targets(args.root).items()])
+            results = [_emit(args.root / rel, text, args.check) for rel, text in render_targets(args.root).items()]
+            ok = all(results)  # every target emitted (or diffed), not just up to the first stale one
         else:
             if args.cmd == "render":
                 text = render_rayservice(args.serve_config, args.template)
