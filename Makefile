@@ -8,7 +8,7 @@ RAY_HEAD_ARGS ?= --head --num-cpus 2 --dashboard-host 127.0.0.1 --dashboard-port
 export RAY_USAGE_STATS_ENABLED := 0
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install install-test redis-server run deploy status stop test test-unit test-integration clean
+.PHONY: install install-test redis-server promtool run deploy status stop test test-unit test-integration clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ redis-server:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
+# The monitoring tests check the Prometheus rules with promtool: install Debian's package if missing
+# (on a systemd machine the package would also start a Prometheus service: switch it off).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi; }
+
 ## make run: install, start a local Ray head (dashboard :8265, metrics :8080), deploy CONFIG,
 ## wait until ready and show one prediction per model. Offline: the LM simulator answers.
 run: install
@@ -52,10 +61,10 @@ stop:
 	-$(BIN)/ray stop
 
 ## make test: install what the tests need (venv, redis-server) and run unit + integration tests.
-test: install-test redis-server
+test: install-test redis-server promtool
 	$(BIN)/python -m pytest tests -q -rs
 
-test-unit: install-test
+test-unit: install-test promtool
 	$(BIN)/python -m pytest tests/unit -q
 
 test-integration: install-test redis-server

@@ -9,6 +9,14 @@ Apps are deployed through the real ``serve deploy --address <dashboard>`` CLI wi
 generated config (:func:`dspy_app`, :func:`sim_model`, :func:`serve_config`), and every
 replica gets ``ray_actor_options: {num_cpus: 0}`` so the app fits any core count.
 
+``PeerServer`` is the peer baseline (``benchmarks/peer_app.py`` on uvicorn, N workers).
+``RayServe(extra_env=...)`` sets more environment variables for the Ray processes (e.g.
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``): Serve's proxy and controller read such variables at
+process start, so they are put in this process's environment before ``ray.init`` and every
+Ray process inherits them. ``RayServe.server_pids`` are the processes ``ray.init`` started
+(GCS, raylet, dashboard, ...; the workers are their descendants): the roots for
+``procstat.CpuMeter``.
+
 Importing this module starts nothing and changes no environment variable.
 """
 
@@ -35,6 +43,7 @@ __all__ = [
     "wait_for",
     "RedisServer",
     "LMSimProcess",
+    "PeerServer",
     "RayServe",
     "dspy_app",
     "sim_model",
@@ -197,14 +206,95 @@ class LMSimProcess:
         self.stop()
 
 
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        if int(raw[raw.rfind(")") + 2 :].split()[1]) == pid:
+            out.add(int(entry.name))
+    return out
+
+
+class PeerServer:
+    """The peer baseline: ``uvicorn benchmarks.peer_app:app --workers N`` in its own process
+    (no access log, warning-level logs), LM at ``api_base``. ``pids()`` are the uvicorn
+    processes (the master and, with N > 1, its workers)."""
+
+    def __init__(self, workers: int, api_base: str, python: str | None = None,
+                 lm_model: str = "openai/sim-qa") -> None:
+        self.workers = workers
+        self.api_base = api_base
+        self.lm_model = lm_model
+        self.port = free_port()
+        self.python = python or sys.executable
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60) -> "PeerServer":
+        env = {**os.environ, "PEER_LM_API_BASE": self.api_base, "PEER_LM_MODEL": self.lm_model,
+               "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        self.proc = subprocess.Popen(
+            [self.python, "-m", "uvicorn", "benchmarks.peer_app:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", str(self.workers), "--no-access-log",
+             "--log-level", "warning"],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"the peer (uvicorn) exited with {self.proc.returncode}")
+            if self.workers > 1 and len(_children(self.proc.pid)) < self.workers:  # type: ignore[union-attr]
+                return False
+            return httpx.get(self.base_url + "/health", timeout=5).status_code == 200
+
+        wait_for(up, timeout_s, f"the peer ({self.workers} worker(s)) to start", interval_s=0.25)
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None else []
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        kids = _children(self.proc.pid)
+        _stop_proc(self.proc, timeout_s=15)
+        for pid in kids:  # workers the master did not take down (it normally does)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc = None
+
+    def __enter__(self) -> "PeerServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
 class RayServe:
     """A local Ray cluster started by THIS process (``ray.init(address="local")``) with
     Serve's HTTP proxy on a free loopback port; ``stop()`` is ``serve.shutdown()`` then
     ``ray.shutdown()``, which ends only this cluster."""
 
-    def __init__(self, num_cpus: int = 2, request_timeout_s: float | None = None) -> None:
+    def __init__(self, num_cpus: int = 2, request_timeout_s: float | None = None,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         self.num_cpus = num_cpus
         self.request_timeout_s = request_timeout_s
+        self.extra_env = dict(extra_env or {})
+        self.server_pids: list[int] = []
         self.dashboard_port = free_port()
         self.http_port = free_port()
         self.metrics_port = free_port()
@@ -223,9 +313,12 @@ class RayServe:
 
     def start(self) -> "RayServe":
         os.environ.update(RAY_ENV)
+        # Read by Serve's proxy/controller at process start: must be inherited, not a runtime_env.
+        os.environ.update(self.extra_env)
         import ray
         from ray import serve
 
+        before = _children(os.getpid())
         self.temp_dir = tempfile.mkdtemp(prefix="sa_bench_ray_")
         self.config_dir = Path(tempfile.mkdtemp(prefix="sa_bench_cfg_"))
         ray.init(
@@ -240,6 +333,7 @@ class RayServe:
             logging_level="WARNING",
         )
         self._started = True
+        self.server_pids = sorted(_children(os.getpid()) - before)
         http_options: dict[str, Any] = {"host": "127.0.0.1", "port": self.http_port}
         if self.request_timeout_s is not None:
             http_options["request_timeout_s"] = self.request_timeout_s
@@ -258,15 +352,17 @@ class RayServe:
         r.raise_for_status()
         return r.json().get("applications", {})
 
-    def deploy(self, config: Mapping[str, Any], timeout_s: float = 240, name: str = "bench") -> Path:
-        """``serve deploy`` a generated config and wait until every app in it is RUNNING.
+    def deploy(self, config: Mapping[str, Any], timeout_s: float = 240, name: str = "bench",
+               wait_apps: list[str] | None = None) -> Path:
+        """``serve deploy`` a generated config and wait until every app in it (or only those
+        in ``wait_apps``: the ones this deploy adds or changes) is redeployed and RUNNING.
 
         A ``serve deploy`` is declarative: apps of this cluster missing from ``config`` are
         removed. Returns the path of the YAML written (kept until ``stop``)."""
         assert self.config_dir is not None, "start() first"
         path = self.config_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-        apps = [a["name"] for a in config["applications"]]
+        apps = wait_apps if wait_apps is not None else [a["name"] for a in config["applications"]]
         before = {a: s.get("last_deployed_time_s") for a, s in self.applications().items()}
         result = self.cli("deploy", "--address", self.dashboard_url, str(path))
         if result.returncode != 0:

@@ -28,11 +28,23 @@ Request bodies come from a body generator (``--body``, a JSON spec, see :func:`m
 ``unique`` (every request a new input: cache misses), ``fixed`` (a fixed input set: hits once
 warm), ``zipf`` (Zipf(s) over K inputs: a hit/miss mix).
 
+Open loop may follow a rate ``profile`` instead of one rate: ``[[seconds, rate], ...]``
+(piecewise constant; the warm-up runs at the first step's rate), e.g. a load step
+``[[20, 5], [40, 50], [40, 5]]``.
+
+Body ``shape``: ``serve_app`` (default) sends ``{"model": M, "inputs": {field: value}}``;
+``peer`` sends ``{field: value}`` (a plain FastAPI ``/predict``), so one generator drives both.
+
 Result (JSON): mode, concurrency/rate, window_s, count, ok, errors {status-or-kind: n},
 error_count, throughput_rps (successful responses per second of the measured window),
 latency_ms {min, mean, p50, p90, p95, p99, max} over successful responses, x_cache {value: n},
 hit_ratio, client_cpu_s (user+sys of this process during the window), client_cpu_ms_per_req,
-timeline (per-second ok/err/p50/p99), open-loop extras (offered, dropped, send_lag_ms).
+timeline (per-second ok/err/p50/p99, bucketed by completion), timeline_by_start (the same,
+bucketed by (intended) send time), error_latency_ms {status: stats} (how fast errors came
+back), retry_after {status: n} (error responses carrying Retry-After), all_count / all_ok
+(warm-up included: for server CPU per request), measure_start_unix, open-loop extras
+(offered, dropped, send_lag_ms, profile). An error status is ``"<http status>:<error.code>"``
+when the body is ``{"error": {"code": ...}}`` (e.g. ``503:overloaded``), else the status.
 """
 
 from __future__ import annotations
@@ -82,6 +94,14 @@ class LoadSpec:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     seed: int = 0
     event_loop: str = "uvloop"  # "uvloop" (when installed) | "asyncio"
+    profile: list[list[float]] | None = None  # open loop: [[seconds, rate], ...] instead of one rate
+
+    def __post_init__(self) -> None:
+        if self.profile:
+            self.profile = [[float(d), float(r)] for d, r in self.profile]
+            self.duration_s = sum(d for d, _ in self.profile)
+            if not self.rate:
+                self.rate = sum(d * r for d, r in self.profile) / self.duration_s
 
     def argv(self) -> list[str]:
         return [
@@ -92,6 +112,7 @@ class LoadSpec:
             "--timeout-s", str(self.timeout_s), "--client", self.client,
             "--headers", json.dumps(self.headers), "--seed", str(self.seed),
             "--event-loop", self.event_loop,
+            *(["--profile", json.dumps(self.profile)] if self.profile else []),
         ]
 
     def hard_limit_s(self) -> float:
@@ -121,7 +142,10 @@ class BodyGen:
 
     def __init__(self, spec: dict[str, Any], seed: int = 0) -> None:
         self.kind = spec.get("kind", "unique")
-        self.model = spec["model"]
+        self.shape = spec.get("shape", "serve_app")  # "serve_app" | "peer"
+        if self.shape not in ("serve_app", "peer"):
+            raise ValueError(f"unknown body shape {self.shape!r}")
+        self.model = spec.get("model") if self.shape == "peer" else spec["model"]
         self.field = spec.get("field", "question")
         self.base_inputs: dict[str, Any] = dict(spec.get("base_inputs", {}))
         self.extra: dict[str, Any] = dict(spec.get("extra", {}))
@@ -146,13 +170,16 @@ class BodyGen:
             for w in weights:
                 acc += w / total
                 self._cdf.append(acc)
-            znonce = spec.get("nonce", "zipf")
-            self._zipf = [self._encode(self.template.format(nonce=znonce, i=r)) for r in range(k)]
+            self._znonce = spec.get("nonce", "zipf")
+            self._k = k
+            self._zipf: dict[int, bytes] = {}  # encoded lazily: K may be 10^6
         elif self.kind != "unique":
             raise ValueError(f"unknown body kind {self.kind!r}")
 
     def _encode(self, value: Any) -> bytes:
         inputs = {**self.base_inputs, self.field: value}
+        if self.shape == "peer":
+            return json.dumps({**inputs, **self.extra}).encode()
         return json.dumps({"model": self.model, "inputs": inputs, **self.extra}).encode()
 
     def next(self) -> bytes:
@@ -165,8 +192,11 @@ class BodyGen:
                 return self.rng.choice(self._fixed)
             return self._fixed[i % len(self._fixed)]
         # zipf: inverse CDF by bisection
-        idx = bisect.bisect_left(self._cdf, self.rng.random())
-        return self._zipf[min(idx, len(self._zipf) - 1)]
+        idx = min(bisect.bisect_left(self._cdf, self.rng.random()), self._k - 1)
+        body = self._zipf.get(idx)
+        if body is None:
+            body = self._zipf[idx] = self._encode(self.template.format(nonce=self._znonce, i=idx))
+        return body
 
 
 def make_body_gen(spec: dict[str, Any], seed: int = 0) -> BodyGen:
@@ -176,7 +206,7 @@ def make_body_gen(spec: dict[str, Any], seed: int = 0) -> BodyGen:
     ``{"kind": "fixed", "model": "qa", "field": "question", "values": [...]}`` (or ``"k": 16``
     with the template), ``"order": "round_robin" | "random"``
     ``{"kind": "zipf", "model": "qa", "field": "question", "k": 1000, "s": 1.1}``
-    Common: ``base_inputs`` (other input fields), ``extra`` (other body fields, e.g.
+    Common: ``shape`` (``serve_app`` or ``peer``: ``{field: value}`` without a model), ``base_inputs`` (other input fields), ``extra`` (other body fields, e.g.
     ``{"cache": false}``), ``nonce`` (fixes the generated texts across runs).
     """
     return BodyGen(spec, seed)
@@ -184,7 +214,19 @@ def make_body_gen(spec: dict[str, Any], seed: int = 0) -> BodyGen:
 
 # ---- HTTP clients ------------------------------------------------------------------------
 
-SendFn = Callable[[bytes], Awaitable[tuple[Any, str | None]]]
+SendFn = Callable[[bytes], Awaitable[tuple[Any, str | None, bool]]]
+
+
+def _error_status(status: int, body: bytes) -> str:
+    """``"503:overloaded"`` for a ``{"error": {"code": ...}}`` body, else ``"503"``."""
+    if len(body) < 4096:
+        try:
+            err = json.loads(body).get("error")
+            if isinstance(err, dict) and isinstance(err.get("code"), str):
+                return f"{status}:{err['code']}"
+        except (ValueError, AttributeError):
+            pass
+    return str(status)
 
 
 class _AiohttpClient:
@@ -201,17 +243,19 @@ class _AiohttpClient:
             skip_auto_headers=("User-Agent",),
         )
 
-    async def send(self, body: bytes) -> tuple[Any, str | None]:
+    async def send(self, body: bytes) -> tuple[Any, str | None, bool]:
         try:
             async with self.session.post(self.url, data=body, headers=self.headers) as r:
-                await r.read()
-                return r.status, r.headers.get("X-Cache")
+                data = await r.read()
+                if 200 <= r.status < 300:
+                    return r.status, r.headers.get("X-Cache"), False
+                return _error_status(r.status, data), None, "Retry-After" in r.headers
         except asyncio.TimeoutError:
-            return "timeout", None
+            return "timeout", None, False
         except self._aiohttp.ClientConnectionError:
-            return "conn_error", None
+            return "conn_error", None, False
         except self._aiohttp.ClientError as exc:
-            return f"client_error:{type(exc).__name__}", None
+            return f"client_error:{type(exc).__name__}", None, False
 
     async def close(self) -> None:
         await self.session.close()
@@ -229,14 +273,16 @@ class _HttpxClient:
             timeout=httpx.Timeout(timeout_s, pool=timeout_s),
         )
 
-    async def send(self, body: bytes) -> tuple[Any, str | None]:
+    async def send(self, body: bytes) -> tuple[Any, str | None, bool]:
         try:
             r = await self.client.post(self.url, content=body, headers=self.headers)
-            return r.status_code, r.headers.get("X-Cache")
+            if 200 <= r.status_code < 300:
+                return r.status_code, r.headers.get("X-Cache"), False
+            return _error_status(r.status_code, r.content), None, "retry-after" in r.headers
         except self._httpx.TimeoutException:
-            return "timeout", None
+            return "timeout", None, False
         except self._httpx.TransportError:
-            return "conn_error", None
+            return "conn_error", None, False
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -267,12 +313,17 @@ class Recorder:
 
     def __init__(self, measure_start: float) -> None:
         self.measure_start = measure_start
-        self.records: list[tuple[float, float, Any, str | None]] = []
+        self.records: list[tuple[float, float, Any, str | None, bool]] = []
         self.cpu_start: float | None = None
+        self.warm_count = 0  # warm-up requests answered (not recorded)
+        self.warm_ok = 0
 
-    def add(self, start: float, end: float, status: Any, xcache: str | None) -> None:
+    def add(self, start: float, end: float, status: Any, xcache: str | None, retry_after: bool = False) -> None:
         if start >= self.measure_start:
-            self.records.append((start, end, status, xcache))
+            self.records.append((start, end, status, xcache, retry_after))
+        else:
+            self.warm_count += 1
+            self.warm_ok += isinstance(status, int) and 200 <= status < 300
 
 
 def _pct(sorted_vals: Sequence[float], p: float) -> float:
@@ -299,29 +350,41 @@ def summarize(rec: Recorder, window_end: float, cpu_s: float) -> dict[str, Any]:
     window_s = max(1e-9, window_end - rec.measure_start)
     ok_lat: list[float] = []
     errors: Counter[str] = Counter()
+    err_lat: dict[str, list[float]] = {}
+    retry_after: Counter[str] = Counter()
     xcache: Counter[str] = Counter()
     buckets: dict[int, list[Any]] = {}
-    for start, end, status, xc in rec.records:
+    by_start: dict[int, list[Any]] = {}
+    for start, end, status, xc, ra in rec.records:
         ok = isinstance(status, int) and 200 <= status < 300
+        lat = (end - start) * 1000.0
         b = buckets.setdefault(int(max(0.0, end - rec.measure_start)), [0, 0, []])
+        bs = by_start.setdefault(int(max(0.0, start - rec.measure_start)), [0, 0, []])
         if ok:
-            lat = (end - start) * 1000.0
             ok_lat.append(lat)
             xcache[xc or "none"] += 1
             b[0] += 1
             b[2].append(lat)
+            bs[0] += 1
+            bs[2].append(lat)
         else:
             errors[str(status)] += 1
+            err_lat.setdefault(str(status), []).append(lat)
+            retry_after[str(status)] += bool(ra)
             b[1] += 1
+            bs[1] += 1
     hits = sum(xcache[v] for v in HIT_VALUES)
     looked_up = hits + xcache["MISS"]
-    timeline = []
-    for sec in sorted(buckets):
-        n_ok, n_err, lats = buckets[sec]
-        lats.sort()
-        timeline.append({"t": sec, "ok": n_ok, "err": n_err,
-                         "p50": round(_pct(lats, 50), 2) if lats else None,
-                         "p99": round(_pct(lats, 99), 2) if lats else None})
+    def _timeline(b: dict[int, list[Any]]) -> list[dict[str, Any]]:
+        out = []
+        for sec in sorted(b):
+            n_ok, n_err, lats = b[sec]
+            lats.sort()
+            out.append({"t": sec, "ok": n_ok, "err": n_err,
+                        "p50": round(_pct(lats, 50), 2) if lats else None,
+                        "p99": round(_pct(lats, 99), 2) if lats else None})
+        return out
+
     count = len(rec.records)
     return {
         "window_s": round(window_s, 3),
@@ -335,7 +398,12 @@ def summarize(rec: Recorder, window_end: float, cpu_s: float) -> dict[str, Any]:
         "hit_ratio": round(hits / looked_up, 4) if looked_up else None,
         "client_cpu_s": round(cpu_s, 3),
         "client_cpu_ms_per_req": round(cpu_s * 1000.0 / count, 4) if count else None,
-        "timeline": timeline,
+        "error_latency_ms": {k: _latency_stats(v) for k, v in sorted(err_lat.items())},
+        "retry_after": {k: v for k, v in sorted(retry_after.items()) if v},
+        "all_count": count + rec.warm_count,
+        "all_ok": len(ok_lat) + rec.warm_ok,
+        "timeline": _timeline(buckets),
+        "timeline_by_start": _timeline(by_start),
     }
 
 
@@ -370,11 +438,11 @@ async def closed_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, An
             body = gen.next()
             inflight[w] = t
             try:
-                status, xc = await client.send(body)
+                status, xc, ra = await client.send(body)
             except Exception as exc:  # noqa: BLE001 - an unexpected client failure is an error
-                status, xc = f"error:{type(exc).__name__}", None
+                status, xc, ra = f"error:{type(exc).__name__}", None, False
             del inflight[w]
-            rec.add(t, now(), status, xc)
+            rec.add(t, now(), status, xc, ra)
 
     tasks = [asyncio.ensure_future(worker(w)) for w in range(spec.concurrency)]
     finished = await _bounded(asyncio.gather(*tasks), spec.warmup_s + spec.duration_s + spec.timeout_s + GRACE_S)
@@ -387,7 +455,8 @@ async def closed_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, An
         cpu_mark.append(cpu_end)
     last = max((r[1] for r in rec.records), default=t_end)
     out = summarize(rec, max(min(last, t_end), rec.measure_start + 1e-3), cpu_end - cpu_mark[0])
-    out.update({"mode": "closed", "concurrency": spec.concurrency})
+    out.update({"mode": "closed", "concurrency": spec.concurrency,
+                "measure_start_unix": round(time.time() - (now() - rec.measure_start), 3)})
     return out
 
 
@@ -398,11 +467,21 @@ async def open_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, Any]
     now = time.perf_counter  # not loop.time(): uvloop's clock has 1 ms resolution
     t0 = now() + 0.05
     rec = Recorder(t0 + spec.warmup_s)
-    n_warm = int(spec.warmup_s * spec.rate)
-    n_measured = int(spec.duration_s * spec.rate)
+    # Intended send offsets from t0: the warm-up at the first rate, then one rate or the profile.
+    steps = [[float(d), float(r)] for d, r in (spec.profile or [[spec.duration_s, spec.rate]])]
+    offsets: list[float] = []
+    warm_rate = steps[0][1]
+    n_warm = int(spec.warmup_s * warm_rate) if warm_rate > 0 else 0
+    offsets += [i / warm_rate for i in range(n_warm)]
+    base = spec.warmup_s
+    for dur, rate in steps:
+        offsets += [base + j / rate for j in range(int(dur * rate))] if rate > 0 else []
+        base += dur
+    n_measured = len(offsets) - n_warm
     if spec.max_requests:
         n_measured = min(n_measured, spec.max_requests)
     total = n_warm + n_measured
+    del offsets[total:]
     inflight: dict[int, float] = {}
     tasks: set[asyncio.Task[Any]] = set()
     max_lag = 0.0
@@ -412,22 +491,22 @@ async def open_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, Any]
 
     async def one(i: int, intended: float, body: bytes) -> None:
         try:
-            status, xc = await client.send(body)
+            status, xc, ra = await client.send(body)
         except Exception as exc:  # noqa: BLE001
-            status, xc = f"error:{type(exc).__name__}", None
+            status, xc, ra = f"error:{type(exc).__name__}", None, False
         inflight.pop(i, None)
-        rec.add(intended, now(), status, xc)
+        rec.add(intended, now(), status, xc, ra)
 
     i = 0
     while i < total:
         t = now()
-        intended = t0 + i / spec.rate
+        intended = t0 + offsets[i]
         if intended > t:
             await asyncio.sleep(intended - t)
             continue
         # Send everything that is due now (catch up after a late wake-up), then yield.
-        while i < total and t0 + i / spec.rate <= t:
-            intended = t0 + i / spec.rate
+        while i < total and t0 + offsets[i] <= t:
+            intended = t0 + offsets[i]
             lag = t - intended
             if intended >= rec.measure_start:
                 lags.append(lag)
@@ -454,7 +533,8 @@ async def open_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, Any]
     if not cpu_mark:
         cpu_mark.append(cpu_end)
     # The measured window is the schedule's span (the offered load), not the drain tail.
-    window_end = rec.measure_start + max(n_measured / spec.rate, 1e-3)
+    window_s = spec.duration_s if spec.profile else n_measured / spec.rate
+    window_end = rec.measure_start + max(window_s, 1e-3)
     out = summarize(rec, window_end, cpu_end - cpu_mark[0])
     lags.sort()
     out.update({
@@ -464,6 +544,8 @@ async def open_loop(spec: LoadSpec, gen: BodyGen, client: Any) -> dict[str, Any]
                         "p99": round(_pct(lags, 99) * 1000, 3) if lags else None,
                         "max": round(max_lag * 1000, 3)},
         "schedule_overrun_s": round(max(0.0, sched_end - (rec.measure_start + spec.duration_s)), 3),
+        "profile": spec.profile,
+        "measure_start_unix": round(time.time() - (now() - rec.measure_start), 3),
     })
     return out
 
@@ -506,6 +588,8 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadSpec:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                    help="uvloop when installed (falls back to asyncio)")
+    p.add_argument("--profile", default=None,
+                   help='open loop: rate steps as JSON [[seconds, rate], ...] (overrides --rate/--duration-s)')
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     a = p.parse_args(argv)
     spec = LoadSpec(
@@ -513,6 +597,7 @@ def parse_args(argv: Sequence[str] | None = None) -> LoadSpec:
         max_inflight=a.max_inflight, duration_s=a.duration_s, warmup_s=a.warmup_s,
         max_requests=a.max_requests, timeout_s=a.timeout_s, client=a.client,
         headers=json.loads(a.headers), seed=a.seed, event_loop=a.event_loop,
+        profile=json.loads(a.profile) if a.profile else None,
     )
     spec._out = a.out  # type: ignore[attr-defined]
     return spec

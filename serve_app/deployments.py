@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import os
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,17 +89,34 @@ def _env_values(names: list[str]) -> list[str]:
     return [v for v in (os.environ.get(n) for n in names) if v]
 
 
-def detached_context() -> contextvars.Context:
-    """The current contextvars, minus Ray's link to the current actor task.
+def _unlinked_serve_context() -> None:
+    """Run inside the copied context: replace Serve's request context by one that keeps the
+    request id (logs) but is no child of the current request."""
+    from ray.serve import context as serve_context
 
-    Ray cancels the calls a cancelled request made, recursively, by following the
-    ``async_task_id`` contextvar (ray-project/ray#52476; Serve's own long-poll client clears
-    it the same way). A coalesced predictor call serves every waiter, so the leader's client
-    leaving must not cancel it. Serve's request context (the request id) is kept."""
+    current = serve_context._get_serve_request_context()
+    serve_context._serve_request_context.set(
+        dataclasses.replace(current, _internal_request_id=uuid.uuid4().hex, cancel_on_parent_request_cancel=False)
+    )
+
+
+def detached_context() -> contextvars.Context:
+    """The current contextvars, unlinked from the current request's cancellation.
+
+    A coalesced predictor call serves every waiter, so the leader's client leaving must not
+    cancel it. Two mechanisms would: Ray cancels the calls a cancelled actor task made by
+    following the ``async_task_id`` contextvar (ray-project/ray#52476; Serve's own long-poll
+    client clears it the same way), and Serve, in direct-ingress mode, cancels the child
+    requests it tracked under the request's internal id. The copy clears the first and gives
+    the second a fresh id; the public request id stays for logs."""
     ctx = contextvars.copy_context()
     task_id_var = getattr(ray._raylet, "async_task_id", None)
     if task_id_var is not None:
         ctx.run(task_id_var.set, None)
+    try:
+        ctx.run(_unlinked_serve_context)
+    except Exception:  # noqa: BLE001 - private Serve API: without it only ray's link is cut
+        pass
     return ctx
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .harness import CANARY, CANARY_ENV, LMSim, RedisProcess, ServeCluster, free_port
+from .harness import CANARY, CANARY_ENV, FAST_PATH_ENV, LMSim, RedisProcess, ServeCluster, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,11 @@ def cluster() -> Iterator[ServeCluster]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ[CANARY_ENV] = CANARY  # inherited by every Ray worker started below
+    # SERVE_APP_TEST_SERVE_MODE=fast runs the suite on Serve's throughput-optimized mode with
+    # HAProxy in front of direct-ingress router replicas (README, "Serving path"); the default
+    # is Serve's Python proxy, the mode the shipped configs use today.
+    if os.environ.get("SERVE_APP_TEST_SERVE_MODE", "default") == "fast":
+        os.environ.update(FAST_PATH_ENV)
     import ray
     from ray import serve
 

@@ -337,7 +337,16 @@ def test_c7_ttl_and_prefix_hygiene_after_a_run(env: Any, http: httpx.Client) -> 
         statuses = list(pool.map(
             lambda i: post(http, "ra", "qa", {"question": f"hygiene {i}"}).status_code, range(300)))
     assert statuses == [200] * 300
-    wait_for(lambda: len(redis_keys(redis)) >= 300, 10, "300 keys in Redis")
+    # Under saturation the Redis tier may skip some writes (its breaker, by design): wait until
+    # the background writes settle, then check the hygiene of every key that was written.
+    counts: list[int] = []
+
+    def settled() -> bool:
+        counts.append(len(redis_keys(redis)))
+        return len(counts) >= 3 and counts[-1] == counts[-3] and counts[-1] > 0
+
+    wait_for(settled, 20, "background writes to settle", interval_s=0.5)
+    assert counts[-1] >= 100, f"only {counts[-1]} of 300 answers reached Redis"
     client = redis.client()
     all_keys = list(client.scan_iter(count=1000))
     assert all(k.startswith(f"{PREFIX}:".encode()) for k in all_keys)

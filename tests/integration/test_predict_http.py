@@ -101,7 +101,8 @@ def test_repeated_request_is_served_from_cache_without_lm_calls(deployed: ServeC
         assert again.headers["X-Cache"] == "HIT-MEMORY"
         assert again.json()["cached"] is True
         assert again.json()["outputs"] == first.json()["outputs"]
-        assert again.json()["usage"] == {"input_tokens": 0, "output_tokens": 0}
+        assert again.json()["usage"] == {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
+        assert again.headers["X-Cost-USD"] == "0"
     assert sim.calls() == calls
 
 
