@@ -4,7 +4,8 @@ Contract:
 - ``record(model, variant, usage)`` adds one LM-backed prediction (cache hits cost nothing
   and are never recorded). Totals are kept since start and for the current UTC day.
 - With Redis, every replica increments the same hashes atomically (``HINCRBYFLOAT`` in one
-  pipeline per prediction), so ``report()`` is cluster-wide; day hashes expire after 8 days.
+  pipeline per prediction), so ``report()`` is cluster-wide; day hashes expire after 8 days,
+  the running totals after 400 days without a write (every key the app writes has a TTL).
   Without Redis, or while Redis is unreachable, the numbers are this replica's own since it
   started, and ``report()["scope"]`` says so. Never raises.
 """
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 __all__ = ["CostBook", "HashStore"]
 
 DAY_TTL_S = 8 * 86_400
+TOTAL_TTL_S = 400 * 86_400  # "since start" totals: refreshed on every write, gone after 400 idle days
 
 
 class HashStore(Protocol):
@@ -92,7 +94,9 @@ class CostBook:
             today[k] += v
         if self._store is not None:
             total_key, day_key = self._keys(day)
-            await self._store.hincr_many({total_key: fields, day_key: fields}, {day_key: DAY_TTL_S})
+            await self._store.hincr_many(
+                {total_key: fields, day_key: fields}, {day_key: DAY_TTL_S, total_key: TOTAL_TTL_S}
+            )
 
     async def report(self) -> dict[str, Any]:
         day = self._day()

@@ -47,9 +47,9 @@ APP, PREFIX = "res", "/res"
 QA = "serve_app.examples:build_qa"
 QA_V2 = "configs/states/qa_v2.json"
 
-MIN_CALLS, OPEN_S = 4, 3
+MIN_CALLS, OPEN_S = 4, 5
 FAST_BREAKER: dict[str, float] = {
-    "min_calls": MIN_CALLS, "window_s": 20, "failure_rate_threshold": 0.5, "open_s": OPEN_S, "max_open_s": 12,
+    "min_calls": MIN_CALLS, "window_s": 20, "failure_rate_threshold": 0.5, "open_s": OPEN_S, "max_open_s": 30,
     "open_backoff": 2, "jitter_ratio": 0, "half_open_permits": 2, "max_half_open_s": 10, "slow_call_s": 5,
 }
 # Short LM timeouts, so a hung call ends (as a timeout) within about a second.

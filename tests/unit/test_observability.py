@@ -107,7 +107,7 @@ async def test_cost_book_is_cluster_wide_through_the_shared_store() -> None:
     slot = report["today"]["pipeline"]["default"]
     assert slot["requests"] == 2 and slot["input_tokens"] == 200 and math.isclose(slot["cost_usd"], 0.000054)
     assert slot["modules"]["summarize"]["input_tokens"] == 120
-    assert store.ttls == {"svc:costs:day:2026-11-22": 8 * 86_400}
+    assert store.ttls == {"svc:costs:day:2026-11-22": 8 * 86_400, "svc:costs:total": 400 * 86_400}
 
 
 async def test_cost_book_falls_back_to_this_replica_and_says_so() -> None:
