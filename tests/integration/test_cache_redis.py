@@ -193,9 +193,11 @@ def test_c2_redis_frozen_no_request_waits_past_the_cache_budget(env: Any, http: 
         redis.sigcont()
     assert set(statuses) == {200}
     assert "HIT-REDIS" not in caches  # Redis answered nothing while frozen
-    # Each request: the simulator's 20 ms LM floor, at most one cache budget (100 ms) on
-    # Redis, and Serve's hops; without the Redis timeouts these would hang indefinitely.
-    assert max(latencies) < 0.6, f"slowest request {max(latencies):.3f}s (baseline {max(baseline):.3f}s)"
+    # Each request: what it cost before the freeze, plus at most one cache budget (100 ms) on
+    # Redis, plus scheduling noise on a 2-core box. Without the Redis timeouts (redis-py's
+    # defaults) a request would hang for the whole 10 s freeze.
+    bound = max(baseline) + 0.75
+    assert max(latencies) < bound, f"slowest request {max(latencies):.3f}s (baseline {max(baseline):.3f}s)"
 
 
 def test_c3_corrupt_pickled_and_foreign_values_are_misses_never_unpickled(env: Any, http: httpx.Client,
