@@ -1,11 +1,7 @@
-"""The prediction cache: its key, a memory tier, a Redis tier, and the two in tiers.
+"""The prediction cache: a memory tier, and the memory and Redis tiers together.
 
-Contracts:
-- ``cache_key`` covers everything that changes an answer: model, variant, program version,
-  the LM settings that matter, and the canonical JSON of the inputs (key order and
-  whitespace do not matter). Keys live under the configured prefix.
-- Values are JSON envelopes ``{"v": 1, "value": {...}}``, never pickle; anything else found
-  under a key (corrupt, foreign, pickled, other schema version) is a miss and is counted.
+Keys and stored values are ``codec``'s; the Redis tier is ``redis_tier``'s (both re-exported
+here). Contracts:
 - ``TieredCache.get`` / ``set`` never raise: a failing or slow tier is a miss (or a skipped
   write) plus a counter. Redis calls carry their own short timeouts and no retries, and the
   Redis tier sits behind a circuit breaker so an outage is skipped instead of waited on,
@@ -15,17 +11,15 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from .breaker import BreakerConfig, BreakerOpen, CircuitBreaker
+from .codec import SCHEMA_VERSION, cache_key, canonical_json, decode_envelope, decode_value, encode_value
 from .config import CacheConfig
 from .metrics import Counters
+from .redis_tier import RedisClient, RedisTier, redis_from_url
 
 __all__ = [
     "cache_key",
@@ -34,78 +28,15 @@ __all__ = [
     "decode_value",
     "decode_envelope",
     "MemoryTier",
+    "RedisClient",
     "RedisTier",
+    "redis_from_url",
     "TieredCache",
     "CacheLookup",
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
 Tier = Literal["memory", "redis"]
-
-# The Redis tier's own breaker: skip Redis quickly during an outage (a few failed calls
-# within a second trip it), probe again after a short open period, cap the wait at 5 s so
-# the tier is back within seconds of Redis coming back.
-REDIS_BREAKER = BreakerConfig(
-    window_s=10.0,
-    min_calls=3,
-    failure_rate_threshold=0.5,
-    slow_call_s=1.0,
-    slow_call_rate_threshold=1.0,
-    open_s=1.0,
-    open_backoff=2.0,
-    max_open_s=5.0,
-    jitter_ratio=0.1,
-    half_open_permits=1,
-    max_half_open_s=2.0,
-)
-
-
-def canonical_json(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace, UTF-8 kept."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def cache_key(
-    prefix: str,
-    model: str,
-    variant: str,
-    program_version: str,
-    lm_settings: Mapping[str, Any],
-    inputs: Mapping[str, Any],
-) -> str:
-    """``<prefix>:p:<model>:<variant>:<version>:<sha256(lm settings + inputs)>``."""
-    digest = hashlib.sha256(
-        canonical_json({"lm": dict(lm_settings), "inputs": dict(inputs)}).encode()
-    ).hexdigest()
-    return f"{prefix}:p:{model}:{variant}:{program_version}:{digest}"
-
-
-def encode_value(value: Mapping[str, Any], expires_at: float | None = None) -> bytes:
-    """The stored envelope; ``exp`` (wall-clock seconds) lets another replica that promotes the
-    value to its memory tier keep the original expiry instead of starting a fresh one."""
-    envelope: dict[str, Any] = {"v": SCHEMA_VERSION, "value": dict(value)}
-    if expires_at is not None:
-        envelope["exp"] = round(expires_at, 3)
-    return canonical_json(envelope).encode()
-
-
-def decode_envelope(raw: bytes | str) -> tuple[dict[str, Any], float | None] | None:
-    """``(value, expires_at)``, or None for anything that is not our current envelope."""
-    try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(obj, dict) or obj.get("v") != SCHEMA_VERSION or not isinstance(obj.get("value"), dict):
-        return None
-    exp = obj.get("exp")
-    return obj["value"], float(exp) if isinstance(exp, int | float) else None
-
-
-def decode_value(raw: bytes | str) -> dict[str, Any] | None:
-    """The stored value, or None for anything that is not our current envelope."""
-    decoded = decode_envelope(raw)
-    return None if decoded is None else decoded[0]
 
 
 class CacheLookup(dict):  # type: ignore[type-arg]
@@ -148,145 +79,6 @@ class MemoryTier:
 
     def clear(self) -> None:
         self._data.clear()
-
-
-class RedisClient(Protocol):
-    """The slice of ``redis.asyncio.Redis`` the tier uses (fakes implement it in tests)."""
-
-    async def get(self, name: str) -> bytes | None: ...
-    async def set(self, name: str, value: bytes, px: int | None = None) -> Any: ...
-    async def hgetall(self, name: str) -> dict[bytes, bytes]: ...
-    def pipeline(self, transaction: bool = True) -> Any: ...
-    async def aclose(self) -> None: ...
-
-
-def redis_from_url(url: str, socket_timeout_s: float, connect_timeout_s: float) -> RedisClient:
-    """A redis-py asyncio client with short timeouts and no retry of timeouts.
-
-    redis-py's defaults (no socket timeout, retries with backoff) would hold a request for
-    a minute on a hung server. Here a timeout is final (the breaker does the rest), and a
-    connection error is retried once at once: after a Redis restart every pooled connection
-    is stale, and one immediate reconnect turns that into a hit instead of a miss (against
-    a dead server the reconnect is refused in microseconds). TLS (``rediss://``), passwords
-    and ACL users come from the URL.
-    """
-    import redis.asyncio as aredis
-    from redis.backoff import NoBackoff
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.retry import Retry
-
-    return aredis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        retry_on_timeout=False,
-        health_check_interval=0,
-        max_connections=256,
-    )
-
-
-class RedisTier:
-    """Redis behind a breaker and a per-call deadline. Raises nothing: returns None / False."""
-
-    def __init__(
-        self,
-        client: RedisClient,
-        *,
-        ttl_s: float,
-        call_timeout_s: float,
-        counters: Counters,
-        clock: Callable[[], float] = time.monotonic,
-        rand: Callable[[], float] = random.random,
-        ttl_jitter: float = 0.1,
-    ) -> None:
-        self._client = client
-        self._ttl = ttl_s
-        self._timeout = call_timeout_s
-        self._counters = counters
-        self._rand = rand
-        self._jitter = ttl_jitter
-        self.breaker = CircuitBreaker(REDIS_BREAKER, clock=clock, rand=rand)
-
-    async def _call(self, op: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
-        try:
-            permit = self.breaker.acquire()
-        except BreakerOpen:
-            self._counters.inc("cache_ops", tier="redis", op=op, result="skipped")
-            return False, None
-        with permit:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    result = await fn()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - any Redis failure is a miss, by contract
-                permit.failure()
-                self._counters.inc("cache_ops", tier="redis", op=op, result="error")
-                return False, None
-            permit.success()
-            return True, result
-
-    async def get(self, key: str) -> tuple[dict[str, Any], float | None] | None:
-        """``(value, expires_at)`` on a hit."""
-        ok, raw = await self._call("get", lambda: self._client.get(key))
-        if not ok:
-            return None
-        if raw is None:
-            self._counters.inc("cache_ops", tier="redis", op="get", result="miss")
-            return None
-        decoded = decode_envelope(raw)
-        if decoded is None:
-            self._counters.inc("cache_ops", tier="redis", op="get", result="corrupt")
-            return None
-        self._counters.inc("cache_ops", tier="redis", op="get", result="hit")
-        return decoded
-
-    def ttl_for(self, ttl_s: float | None) -> float:
-        """This write's TTL: the model's or the tier's, with up to ``ttl_jitter`` added so keys
-        written together do not expire together (no synchronized stampede)."""
-        return (self._ttl if ttl_s is None else ttl_s) * (1.0 + self._jitter * self._rand())
-
-    async def set(self, key: str, payload: bytes, ttl_s: float) -> bool:
-        px = max(1, int(ttl_s * 1000))
-        ok, _ = await self._call("set", lambda: self._client.set(key, payload, px=px))
-        if ok:
-            self._counters.inc("cache_ops", tier="redis", op="set", result="ok")
-        return ok
-
-    async def hincr_many(self, increments: Mapping[str, Mapping[str, float]], ttl_s: Mapping[str, float]) -> bool:
-        """Atomic float increments of hash fields in one round trip (the cost book's store)."""
-
-        async def run() -> Any:
-            pipe = self._client.pipeline(transaction=False)
-            for key, fields in increments.items():
-                for field, value in fields.items():
-                    if value:
-                        pipe.hincrbyfloat(key, field, value)
-            for key, ttl in ttl_s.items():
-                pipe.expire(key, int(ttl))
-            return await pipe.execute()
-
-        ok, _ = await self._call("hincr", run)
-        return ok
-
-    async def hgetall(self, key: str) -> dict[str, float] | None:
-        ok, raw = await self._call("hgetall", lambda: self._client.hgetall(key))
-        if not ok:
-            return None
-        out: dict[str, float] = {}
-        for k, v in (raw or {}).items():
-            try:
-                out[k.decode() if isinstance(k, bytes) else str(k)] = float(v)
-            except (TypeError, ValueError, UnicodeDecodeError):
-                continue  # a foreign field is skipped, never a failure
-        return out
-
-    async def close(self) -> None:
-        try:
-            await self._client.aclose()
-        except Exception:  # noqa: BLE001 - closing a broken connection is not an error
-            pass
 
 
 class TieredCache:
