@@ -40,7 +40,6 @@ Writes ``perf.json``, ``perf.md``, ``miss_sweep.png`` and ``autoscale.png`` unde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -985,8 +984,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                   "| Metric | ours (hits) | " + " | ".join(f"{p} (misses)" for p in peers) + " | "
                   + " | ".join(f"ours ÷ {p}" for p in peers) + " |",
                   "|---|" + "---:|" * (1 + 2 * len(peers))]
-        for name, op, pp in ((f"c=1 p50 ms", ("hit", "c1", "p50_ms"), ("miss", "c1", "p50_ms")),
-                             (f"c=1 p99 ms", ("hit", "c1", "p99_ms"), ("miss", "c1", "p99_ms")),
+        for name, op, pp in (("c=1 p50 ms", ("hit", "c1", "p50_ms"), ("miss", "c1", "p50_ms")),
+                             ("c=1 p99 ms", ("hit", "c1", "p99_ms"), ("miss", "c1", "p99_ms")),
                              (f"c={h} throughput req/s", ("hit", f"c{h}", "throughput_rps"), ("miss", f"c{h}", "throughput_rps")),
                              (f"c={h} p99 ms", ("hit", f"c{h}", "p99_ms"), ("miss", f"c{h}", "p99_ms")),
                              (f"c={h} server CPU ms/req", ("hit", f"c{h}", "cpu_ms_per_req"), ("miss", f"c{h}", "cpu_ms_per_req"))):
