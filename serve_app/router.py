@@ -268,6 +268,12 @@ class RouterCore:
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
         if hit is not None:
             self.counters.inc("cache_client_errors", op="foreign_value")
+        # An identical flight may have finished while we waited on the Cache deployment: its
+        # answer is already in the near cache (written before the Cache hop). From here to
+        # joining or starting a flight there is no await, so no second LM call slips in.
+        near = self._near.get(key)
+        if near is not None:
+            return near, "HIT-MEMORY", False
         payload, shared = await self._flight.do(
             key,
             lambda: self._call_predictor(model, request.inputs),
