@@ -159,7 +159,7 @@ def check_serve_config(config: Any) -> None:
         try:
             if app.get("import_path") == BUILD_APP:
                 args = AppArgs.model_validate(app.get("args") or {})
-                known_deployments = {"Router", "Cache"} | {m.name for m in args.models}
+                known_deployments = {"Router", "Cache"} | {v.deployment for m in args.models for v in m.served_variants()}
             elif app.get("import_path") == BUILD_LMSIM:
                 Knobs.model_validate(app.get("args") or {})
                 known_deployments = {"LMSimulator"}

@@ -16,14 +16,31 @@ What lives where:
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .breaker import BreakerConfig
+from .config_base import (
+    _IMPORT_RE,
+    PROJECT_ROOT,
+    RESERVED_DEPLOYMENT_NAMES,
+    Frozen,
+    LMConfig,
+    Name,
+    _carries_credentials,
+    resolve_path,
+)
+from .policy_config import (
+    ApiKeyConfig,
+    AuthConfig,
+    BudgetConfig,
+    HttpConfig,
+    PolicyConfig,
+    RateLimitConfig,
+    TrafficWeights,
+    VariantConfig,
+)
 
 __all__ = [
     "Frozen",
@@ -37,78 +54,27 @@ __all__ = [
     "PROJECT_ROOT",
     "resolve_path",
     "RESERVED_DEPLOYMENT_NAMES",
+    "Variant",
+    "DEFAULT_VARIANT",
+    "VariantConfig",
+    "RateLimitConfig",
+    "BudgetConfig",
+    "ApiKeyConfig",
+    "AuthConfig",
+    "HttpConfig",
+    "PolicyConfig",
+    "TrafficWeights",
 ]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-RESERVED_DEPLOYMENT_NAMES = frozenset({"Router", "Cache", "LMSimulator"})
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_IMPORT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+DEFAULT_VARIANT = "default"
 
 
-def resolve_path(path: str) -> Path:
-    """Resolve a config path: absolute as is; relative against the working directory, then
-    against the project root (Ray workers may run in another directory than ``serve``)."""
-    p = Path(path)
-    if p.is_absolute():
-        return p
-    for base in (Path.cwd(), PROJECT_ROOT):
-        if (base / p).exists():
-            return base / p
-    return PROJECT_ROOT / p
+class Variant(NamedTuple):
+    """A model's variant as served: its name, its predictor deployment and its weight."""
 
-
-def _carries_credentials(url: str, *, user_too: bool) -> bool:
-    """True if ``url`` holds a password (in the authority or a ``password=`` query parameter),
-    or with ``user_too`` any user info at all. Scheme case does not matter."""
-    parts = urlsplit(url)
-    if parts.password is not None or (user_too and parts.username is not None):
-        return True
-    return any(k.lower() == "password" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
-
-
-class Frozen(BaseModel):
-    """Base of every config model: immutable, unknown fields rejected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LMConfig(Frozen):
-    """How a predictor reaches its LM. Serving a real provider is a change of this block."""
-
-    model: str = Field(description="DSPy/LiteLLM model string, e.g. 'openai/gpt-4o-mini'.")
-    api_base: str | None = Field(default=None, description="OpenAI-compatible base URL.")
-    api_key_env: str | None = Field(
-        default=None, description="Name of the env var holding the API key (never the key)."
-    )
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(default=512, ge=1, le=200_000)
-    timeout_s: float = Field(default=20.0, gt=0, le=600)
-    num_retries: int = Field(
-        default=0,
-        ge=0,
-        le=3,
-        description="Retries inside dspy.LM. Default 0: Serve-level retry is our one layer.",
-    )
-    input_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
-    output_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
-            raise ValueError("must be an environment variable NAME, not a key")
-        return v
-
-    @field_validator("api_base")
-    @classmethod
-    def _no_credentials_in_url(cls, v: str | None) -> str | None:
-        if v is not None and _carries_credentials(v, user_too=True):
-            raise ValueError("must not carry credentials; use api_key_env")
-        return v
-
-    def cache_identity(self) -> dict[str, Any]:
-        """The LM settings that change an answer (part of every cache key)."""
-        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
+    name: str
+    deployment: str
+    weight: float
 
 
 class ProgramRelease(Frozen):
@@ -126,7 +92,7 @@ class ProgramRelease(Frozen):
 class ModelConfig(Frozen):
     """One served model: a DSPy program, its LM, and its deadline."""
 
-    name: str = Field(description="Model name in requests; also the predictor deployment's name.")
+    name: Name = Field(description="Model name in requests; also the predictor deployment's name.")
     program: str = Field(description="Import path of a factory returning a dspy.Module: 'pkg.mod:build'.")
     state: str | None = Field(default=None, description="Saved JSON state loaded on top of the program.")
     allow_pickle: bool = False
@@ -139,14 +105,19 @@ class ModelConfig(Frozen):
         description="Model that answers (marked degraded) when this one's breaker is open or its call fails retryably.",
     )
     description: str = ""
+    variants: list[VariantConfig] = Field(
+        default=[],
+        description="A/B variants, each its own predictor deployment '<model>.<variant>'; none = one "
+                    "variant 'default' served by the deployment '<model>'.",
+    )
+    pin_variants: bool = Field(default=False, description="Requests may pick a variant ('variant' field).")
+    budget: BudgetConfig | None = Field(default=None, description="Spend limits for this model (all keys).")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if v in RESERVED_DEPLOYMENT_NAMES:
             raise ValueError(f"'{v}' is reserved (a deployment of its own)")
-        if not _NAME_RE.match(v):
-            raise ValueError("must match ^[a-z][a-z0-9_-]{0,62}$")
         return v
 
     @field_validator("program")
@@ -158,11 +129,36 @@ class ModelConfig(Frozen):
 
     @model_validator(mode="after")
     def _ladder(self) -> "ModelConfig":
-        if self.lm.timeout_s >= self.timeout_s:
-            raise ValueError(
-                f"lm.timeout_s ({self.lm.timeout_s}) must be below timeout_s ({self.timeout_s})"
-            )
+        for lm in [self.lm] + [v.lm for v in self.variants if v.lm is not None]:
+            if lm.timeout_s >= self.timeout_s:
+                raise ValueError(f"lm.timeout_s ({lm.timeout_s}) must be below timeout_s ({self.timeout_s})")
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variants: duplicate name(s) {dupes}")
+        if self.variants and not any(v.weight > 0 for v in self.variants):
+            raise ValueError("variants: at least one weight must be above 0")
         return self
+
+    def served_variants(self) -> list[Variant]:
+        """Every variant with its deployment name; ``default`` on ``<model>`` without variants."""
+        if not self.variants:
+            return [Variant(DEFAULT_VARIANT, self.name, 1.0)]
+        return [Variant(v.name, f"{self.name}.{v.name}", v.weight) for v in self.variants]
+
+    def for_variant(self, name: str) -> "ModelConfig":
+        """This model as one variant's predictor runs it (the variant's state and LM)."""
+        for v in self.variants:
+            if v.name == name:
+                update: dict[str, Any] = {"variants": []}
+                if v.state is not None:
+                    update["state"] = v.state
+                if v.lm is not None:
+                    update["lm"] = v.lm
+                return self.model_copy(update=update)
+        if name == DEFAULT_VARIANT and not self.variants:
+            return self
+        raise KeyError(name)
 
     def release(self) -> ProgramRelease:
         """The default ``user_config`` of this model's predictor."""
@@ -234,6 +230,8 @@ class AppArgs(Frozen):
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    http: HttpConfig = HttpConfig()
 
     @model_validator(mode="after")
     def _checks(self) -> "AppArgs":
@@ -255,13 +253,23 @@ class AppArgs(Frozen):
                     f"models[{m.name}].timeout_s ({m.timeout_s}) must be below "
                     f"limits.request_timeout_s ({self.limits.request_timeout_s})"
                 )
+        deployments = [v.deployment for m in self.models for v in m.served_variants()]
+        clash = sorted({d for d in deployments if deployments.count(d) > 1} | (set(deployments) & RESERVED_DEPLOYMENT_NAMES))
+        if clash:
+            raise ValueError(f"models: deployment name(s) {clash} used twice")
+        for key in self.policy.auth.keys:
+            unknown = sorted(set(key.models) - set(by_name) - {"*"})
+            if unknown:
+                raise ValueError(f"policy.auth.keys[{key.id}].models: no model named {unknown}")
         return self
 
     def secret_env_names(self) -> list[str]:
         """Names of the environment variables that hold secrets (values are masked in logs)."""
-        names = [m.lm.api_key_env for m in self.models if m.lm.api_key_env]
+        lms = [m.lm for m in self.models] + [v.lm for m in self.models for v in m.variants if v.lm is not None]
+        names = [lm.api_key_env for lm in lms if lm.api_key_env]
         if self.cache.redis is not None and self.cache.redis.url_env:
             names.append(self.cache.redis.url_env)
+        names += [k.key_env for k in self.policy.auth.keys if k.key_env]
         return names
 
     def public_view(self) -> dict[str, Any]:
@@ -275,16 +283,46 @@ class AppArgs(Frozen):
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
                         "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s")
+        def lm_view(lm: LMConfig) -> dict[str, Any]:
+            return {f: getattr(lm, f) for f in lm_fields}
+
+        auth = self.policy.auth
         return {
             "service_name": self.service_name,
             "models": [
                 {
                     **{f: getattr(m, f) for f in model_fields},
-                    "lm": {f: getattr(m.lm, f) for f in lm_fields},
+                    "lm": lm_view(m.lm),
                     "breaker": m.breaker.model_dump(mode="json"),
+                    "variants": [
+                        {"name": v.name, "weight": v.weight, "state": v.state,
+                         "lm": None if v.lm is None else lm_view(v.lm)}
+                        for v in m.variants
+                    ],
+                    "pin_variants": m.pin_variants,
+                    "budget": None if m.budget is None else m.budget.model_dump(mode="json"),
                 }
                 for m in self.models
             ],
+            # Keys by id and rights only: no hash, no env value, no file content.
+            "policy": {
+                "auth": {
+                    "enabled": auth.enabled,
+                    "keys_file_set": auth.keys_file is not None,
+                    "keys": [
+                        {"id": k.id, "models": list(k.models), "admin": k.admin,
+                         "source": "sha256" if k.sha256 else ("key_env" if k.key_env else "key_file"),
+                         "rate_limit": None if k.rate_limit is None else k.rate_limit.model_dump(mode="json"),
+                         "budget": None if k.budget is None else k.budget.model_dump(mode="json")}
+                        for k in auth.keys
+                    ],
+                },
+                "rate_limit": self.policy.rate_limit.model_dump(mode="json"),
+                "trusted_proxy_hops": self.policy.trusted_proxy_hops,
+                "session_header": self.policy.session_header,
+                "expected_router_replicas": self.policy.expected_router_replicas,
+            },
+            "http": self.http.model_dump(mode="json"),
             "cache": {
                 **{f: getattr(self.cache, f) for f in cache_fields},
                 "redis": None

@@ -1,8 +1,8 @@
 """The cost book behind ``GET /costs``: tokens and dollars by model, variant and module.
 
 Contract:
-- ``record(model, variant, usage)`` adds one LM-backed prediction (cache hits cost nothing
-  and are never recorded). Totals are kept since start and for the current UTC day.
+- ``record(model, variant, usage, key_id)`` adds one LM-backed prediction (cache hits cost
+  nothing and are never recorded), also under the API key's id when there is one. Totals are kept since start and for the current UTC day.
 - With Redis, every replica increments the same hashes atomically (``HINCRBYFLOAT`` in one
   pipeline per prediction), so ``report()`` is cluster-wide; day hashes expire after 8 days,
   the running totals after 400 days without a write (every key the app writes has a TTL).
@@ -31,7 +31,7 @@ class HashStore(Protocol):
     async def hgetall(self, key: str) -> dict[str, float] | None: ...
 
 
-def _fields(model: str, variant: str, usage: Mapping[str, Any]) -> dict[str, float]:
+def _fields(model: str, variant: str, usage: Mapping[str, Any], key_id: str | None = None) -> dict[str, float]:
     base = f"{model}|{variant}"
     out = {
         f"{base}|requests": 1.0,
@@ -43,6 +43,21 @@ def _fields(model: str, variant: str, usage: Mapping[str, Any]) -> dict[str, flo
         out[f"{base}|module:{path}|input_tokens"] = float(m.get("input_tokens") or 0)
         out[f"{base}|module:{path}|output_tokens"] = float(m.get("output_tokens") or 0)
         out[f"{base}|module:{path}|cost_usd"] = float(m.get("cost_usd") or 0.0)
+    if key_id is not None:  # per API key totals: "@key|<id>|<field>"
+        for field in ("requests", "input_tokens", "output_tokens", "cost_usd"):
+            out[f"{_KEY}|{key_id}|{field}"] = out[f"{base}|{field}"]
+    return out
+
+
+_KEY = "@key"
+
+
+def _by_key(flat: Mapping[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in sorted(flat.items()):
+        parts = key.split("|")
+        if len(parts) == 3 and parts[0] == _KEY:
+            out.setdefault(parts[1], {})[parts[2]] = round(value, 10) if parts[2] == "cost_usd" else int(value)
     return out
 
 
@@ -54,6 +69,8 @@ def _nest(flat: Mapping[str, float]) -> dict[str, Any]:
         if len(parts) < 3:
             continue
         model, variant, rest = parts[0], parts[1], parts[2:]
+        if model == _KEY:
+            continue
         slot = out.setdefault(model, {}).setdefault(variant, {"modules": {}})
         if rest[0].startswith("module:") and len(rest) == 2:
             slot["modules"].setdefault(rest[0][len("module:"):], {})[rest[1]] = round(value, 10)
@@ -82,8 +99,8 @@ class CostBook:
     def _keys(self, day: str) -> tuple[str, str]:
         return f"{self._prefix}:costs:total", f"{self._prefix}:costs:day:{day}"
 
-    async def record(self, model: str, variant: str, usage: Mapping[str, Any]) -> None:
-        fields = _fields(model, variant, usage)
+    async def record(self, model: str, variant: str, usage: Mapping[str, Any], key_id: str | None = None) -> None:
+        fields = _fields(model, variant, usage, key_id)
         day = self._day()
         today = self._days.setdefault(day, defaultdict(float))
         for days in list(self._days):  # keep only today's local day book
@@ -115,4 +132,5 @@ class CostBook:
             "day": day,
             "total": _nest(total),
             "today": _nest(today),
+            "by_key": {"total": _by_key(total), "today": _by_key(today)},
         }

@@ -25,7 +25,11 @@ from starlette.applications import Starlette
 from .cache import CacheLookup, TieredCache
 from .costs import CostBook
 from .metrics import Counters, RaySink
-from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease
+from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease, TrafficWeights
+from .keys import KeyRing
+from .policy import TrafficPolicy
+from .policy_store import PolicyStore
+from .redis_tier import redis_from_url
 from .errors import Overloaded
 from .http import build_http_app
 from .logs import install_secret_mask
@@ -54,8 +58,8 @@ class Cache:
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None:
-        await self.costs.record(model, variant, usage)
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
+        await self.costs.record(model, variant, usage, key_id)
 
     async def cost_report(self) -> dict[str, Any]:
         return await self.costs.report()
@@ -66,23 +70,36 @@ class Cache:
 
 @serve.deployment(max_ongoing_requests=128, graceful_shutdown_timeout_s=45)
 class Predictor:
-    """One per model, named after it. ``user_config`` is a ``ProgramRelease``."""
+    """One per model variant: named after the model (``<model>.<variant>`` with variants).
+    ``user_config`` is a ``ProgramRelease``."""
 
-    def __init__(self, model: ModelConfig) -> None:
+    def __init__(self, model: ModelConfig, variant: str = "default") -> None:
         install_secret_mask(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
+        self.variant = variant
         self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.core.reconfigure(ProgramRelease.model_validate(user_config))
 
     async def predict(self, inputs: dict[str, Any]) -> PredictionPayload:
-        return await self.core.predict(inputs)
+        return await self.core.predict(inputs, self.variant)
 
     def info(self) -> ModelInfoPayload:
         return self.core.info()
 
     def check_health(self) -> None:
         """Checks the replica only, never the LM: an LM outage must not become a restart loop."""
+
+
+def _policy_redis(args: AppArgs) -> Any:
+    """The router's own Redis client for limits and budgets (the cache's server), or None."""
+    redis_cfg = args.cache.redis
+    if redis_cfg is None:
+        return None
+    url = redis_cfg.url if redis_cfg.url is not None else os.environ.get(redis_cfg.url_env or "", "")
+    if not url:
+        return None
+    return redis_from_url(url, redis_cfg.socket_timeout_s, redis_cfg.connect_timeout_s)
 
 
 def _env_values(names: list[str]) -> list[str]:
@@ -161,8 +178,8 @@ class HandleCache:
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()
 
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None:
-        await self._h.record_usage.remote(model, variant, usage)
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
+        await self._h.record_usage.remote(model, variant, usage, key_id)
 
     async def cost_report(self) -> dict[str, Any]:
         return await self._h.cost_report.remote()
@@ -171,16 +188,35 @@ class HandleCache:
 @serve.deployment(name="Router", max_ongoing_requests=512, graceful_shutdown_timeout_s=45)
 @serve.ingress()
 class Router:
+    """The ingress. ``user_config`` is ``TrafficWeights``: variant weights, changed live."""
+
     async def __init__(self, args: AppArgs, cache: DeploymentHandle, predictors: dict[str, DeploymentHandle]) -> None:
         install_secret_mask(_env_values(args.secret_env_names()))
+        counters = Counters(sink=RaySink())
+        store = PolicyStore(
+            _policy_redis(args),
+            args.cache.key_prefix,
+            call_timeout_s=args.cache.timeout_s,
+            counters=counters,
+            min_replicas=args.policy.expected_router_replicas,
+        )
+        keys = KeyRing.load(args.policy.auth, models=[m.name for m in args.models])
+        policy = TrafficPolicy(args, store, keys, counters=counters)
         self.core = RouterCore(
             args,
             {name: HandlePredictor(h, name) for name, h in predictors.items()},
             HandleCache(cache),
             flight_context=detached_context,
-            counters=Counters(sink=RaySink()),
+            counters=counters,
+            policy=policy,
         )
-        self._refresher = asyncio.get_running_loop().create_task(self.core.refresh_loop())
+        loop = asyncio.get_running_loop()
+        self._refresher = loop.create_task(self.core.refresh_loop())
+        self._heartbeat = loop.create_task(store.heartbeat_loop()) if store.shared else None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        weights = TrafficWeights.model_validate(user_config or {})
+        self.core.policy.picker.set_weights(weights.weights, self.core.args.models)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return build_http_app(self.core)

@@ -73,6 +73,9 @@ class ServeAppError(Exception):
         self.status = status if status is not None else self.default_status
         self.retry_after_s = retry_after_s
         self.field = field
+        # Extra response headers set where the error is raised (X-RateLimit-* on a 429);
+        # process-local: not carried through pickling.
+        self.rate_headers: dict[str, str] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (

@@ -5,9 +5,16 @@ Routes: ``POST /v1/predict``, ``GET /v1/models``, ``GET /health`` (liveness),
 model, variant and module), ``GET /config`` (the effective config, allow-listed), ``GET /``.
 
 Admission order on ``POST /v1/predict`` (cheapest first; nothing here touches an LM or a
-breaker): content type (415) -> declared length (413, before reading) -> streamed length
-(413, stops reading at the limit) -> JSON syntax and nesting depth (400) -> request shape (422
-naming the field) -> the router core.
+breaker): API key (401, before any body is read) -> rate limit (429) -> content type (415)
+-> declared length (413, before reading) -> streamed length (413, stops reading at the
+limit) -> JSON syntax, nesting depth and string length (400) -> request shape (422 naming
+the field) -> the router core (404 unknown model, 403 model not allowed for the key, 429
+budget). ``X-RateLimit-*`` headers go on every prediction response once the rate limit was
+checked, errors included.
+
+Keys: ``/v1/predict`` and ``/v1/models`` need a key when auth is on (the model list shows
+what the key may call); ``/config`` and ``/costs`` need an admin key; ``/health``,
+``/ready`` and ``/`` need none. CORS and GZip are middleware, configured in ``http:``.
 
 Every error leaves through ``errors.to_http`` as ``{"error": {code, message, request_id}}``.
 The request id is Serve's (the proxy sets ``x-request-id`` on the request and adds
@@ -24,12 +31,16 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import __version__
-from .errors import InvalidRequest, to_http
+from .errors import InvalidRequest, ServeAppError, to_http
+from .keys import Principal
 from .router import RouterCore
 from .schemas import PredictRequest
 
@@ -49,9 +60,9 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_json_body(request: Request, limit: int, max_depth: int = 32) -> Any:
-    """Read and parse a JSON body of at most ``limit`` bytes and ``max_depth`` levels of
-    nesting, or raise ``InvalidRequest``."""
+async def read_json_body(request: Request, limit: int, max_depth: int = 32, max_string: int = 1 << 62) -> Any:
+    """Read and parse a JSON body of at most ``limit`` bytes, ``max_depth`` levels of nesting
+    and strings of at most ``max_string`` characters, or raise ``InvalidRequest``."""
     if not _is_json(request.headers.get("content-type", "")):
         raise InvalidRequest("content type must be application/json", status=415)
     declared = request.headers.get("content-length")
@@ -73,22 +84,28 @@ async def read_json_body(request: Request, limit: int, max_depth: int = 32) -> A
         raise InvalidRequest("request JSON is nested too deeply", status=400) from None
     except ValueError:
         raise InvalidRequest("request body is not valid JSON", status=400) from None
-    if _depth_exceeds(data, max_depth):
-        raise InvalidRequest(f"request JSON is nested deeper than {max_depth} levels", status=400)
+    problem = _shape_problem(data, max_depth, max_string)
+    if problem:
+        raise InvalidRequest(problem, status=400)
     return data
 
 
-def _depth_exceeds(data: Any, max_depth: int) -> bool:
-    """Iterative (no recursion) check that nesting stays within ``max_depth``."""
+def _shape_problem(data: Any, max_depth: int, max_string: int) -> str | None:
+    """Iterative (no recursion) check of nesting depth and string lengths (keys too)."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict | list):
+        if isinstance(node, str):
+            if len(node) > max_string:
+                return f"request JSON has a string longer than {max_string} characters"
+        elif isinstance(node, dict | list):
             if depth > max_depth:
-                return True
+                return f"request JSON is nested deeper than {max_depth} levels"
+            if isinstance(node, dict):
+                stack.extend((k, depth) for k in node)
             children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list | str))
+    return None
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -114,7 +131,12 @@ class HttpApi:
             status, headers, body = to_http(exc, request_id)
             if status >= 500 and body["error"]["code"] == "internal":
                 logger.error("request %s failed: %s", request_id, type(exc).__name__, exc_info=exc)
+            # Rate-limit headers of an admitted (or refused) request go on its error too.
+            headers.update(getattr(request.state, "rate_headers", None) or getattr(exc, "rate_headers", None) or {})
             return JSONResponse(body, status_code=status, headers=headers)
+
+    async def _principal(self, request: Request) -> Principal:
+        return self.core.policy.keys.authenticate(request.headers)
 
     async def predict(self, request: Request) -> Response:
         return await self._guard(request, self._predict)
@@ -122,7 +144,15 @@ class HttpApi:
     async def _predict(self, request: Request, request_id: str) -> Response:
         limits = self.core.args.limits
         try:
-            raw = await read_json_body(request, limits.max_body_bytes, limits.max_json_depth)
+            peer = request.client.host if request.client else None
+            admission = await self.core.policy.admit(request.headers, peer)
+        except ServeAppError as exc:
+            self.core.record_error(None, exc.code)
+            raise
+        request.state.rate_headers = admission.headers()
+        try:
+            raw = await read_json_body(request, limits.max_body_bytes, limits.max_json_depth,
+                                       self.core.args.http.max_string_chars)
             try:
                 body = PredictRequest.model_validate(raw)
             except ValidationError as exc:
@@ -130,23 +160,30 @@ class HttpApi:
         except InvalidRequest as exc:
             self.core.record_error(None, exc.code)  # the core never saw this request
             raise
-        outcome = await self.core.predict(body, request_id)
+        outcome = await self.core.predict(body, request_id, admission)
         return JSONResponse(outcome.body, headers=outcome.headers)
 
     async def models(self, request: Request) -> Response:
         async def handler(_: Request, __: str) -> Response:
-            return JSONResponse({"models": await self.core.models()})
+            principal = await self._principal(request)
+            models = [m for m in await self.core.models() if principal.may_call(m["name"])]
+            return JSONResponse({"models": models})
 
         return await self._guard(request, handler)
 
     async def costs(self, request: Request) -> Response:
         async def handler(_: Request, __: str) -> Response:
+            (await self._principal(request)).require_admin()
             return JSONResponse(await self.core.costs())
 
         return await self._guard(request, handler)
 
     async def config(self, request: Request) -> Response:
-        return JSONResponse(self.core.args.public_view())
+        async def handler(_: Request, __: str) -> Response:
+            (await self._principal(request)).require_admin()
+            return JSONResponse(self.core.args.public_view())
+
+        return await self._guard(request, handler)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -176,9 +213,30 @@ class HttpApi:
         )
 
 
+def _middleware(core: RouterCore) -> list[Middleware]:
+    cfg = core.args.http
+    out = []
+    if cfg.cors_origins:
+        out.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id",
+                           core.args.policy.session_header],
+            expose_headers=["X-Request-ID", "X-Cache", "X-Model-Variant", "X-Cost-USD", "X-Response-Time",
+                            "X-Degraded", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                            "Retry-After"],
+            max_age=600,
+        ))
+    if cfg.gzip_min_bytes is not None:
+        out.append(Middleware(GZipMiddleware, minimum_size=cfg.gzip_min_bytes))
+    return out
+
+
 def build_http_app(core: RouterCore) -> Starlette:
     api = HttpApi(core)
     return Starlette(
+        middleware=_middleware(core),
         routes=[
             Route("/v1/predict", api.predict, methods=["POST"]),
             Route("/v1/models", api.models, methods=["GET"]),

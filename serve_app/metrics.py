@@ -19,6 +19,11 @@ Exported families (internal name -> Ray metric; Ray adds ``deployment``, ``repli
 | tokens                | counter   | dspy_tokens                  | model, variant, type            |
 | active_predictions    | gauge     | dspy_active_predictions      | model                           |
 | errors                | counter   | dspy_errors                  | model, code                     |
+| rate_limited          | counter   | dspy_rate_limited            | kind (req, tok)                 |
+| budget_spend_usd      | gauge     | dspy_budget_spend_usd        | scope, name, window             |
+| budget_spent_ratio    | gauge     | dspy_budget_spent_ratio      | scope, name, window             |
+| budget_soft_limit_ratio | gauge   | dspy_budget_soft_limit_ratio | scope, name, window             |
+| budget_exceeded       | counter   | dspy_budget_exceeded         | scope, name, window             |
 
 Other internal counters (cache_client_errors, fallbacks, ...) stay in-process.
 """
@@ -51,6 +56,16 @@ FAMILIES: dict[str, tuple[Kind, str, tuple[str, ...], str]] = {
     "active_predictions": ("gauge", "dspy_active_predictions", ("model",),
                            "Predictions running in this predictor replica."),
     "errors": ("counter", "dspy_errors", ("model", "code"), "Client-visible errors by stable error code."),
+    "rate_limited": ("counter", "dspy_rate_limited", ("kind",),
+                     "Requests refused by a rate limit (kind: the first configured limit, req or tok)."),
+    "budget_spend_usd": ("gauge", "dspy_budget_spend_usd", ("scope", "name", "window"),
+                         "Spend of a budget in its current window (cluster-wide as last seen by this router)."),
+    "budget_spent_ratio": ("gauge", "dspy_budget_spent_ratio", ("scope", "name", "window"),
+                           "Spend of a budget as a fraction of its hard limit (soft limit when no hard one)."),
+    "budget_soft_limit_ratio": ("gauge", "dspy_budget_soft_limit_ratio", ("scope", "name", "window"),
+                                "A budget's soft limit as a fraction of its hard limit."),
+    "budget_exceeded": ("counter", "dspy_budget_exceeded", ("scope", "name", "window"),
+                        "Requests refused because a budget's hard limit was reached."),
 }
 
 
@@ -71,24 +86,24 @@ class Counters:
         except Exception:  # noqa: BLE001 - metrics never fail a request
             self._counts[("metrics_errors", ())] += 1
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+    def inc(self, name: str, value: float = 1.0, /, **labels: str) -> None:
         self._counts[(name, tuple(sorted(labels.items())))] += value
         self._emit("counter", name, labels, value)
 
-    def set_gauge(self, name: str, value: float, **labels: str) -> None:
+    def set_gauge(self, name: str, value: float, /, **labels: str) -> None:
         self._gauges[(name, tuple(sorted(labels.items())))] = value
         self._emit("gauge", name, labels, value)
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
+    def observe(self, name: str, value: float, /, **labels: str) -> None:
         self._counts[(f"{name}_count", tuple(sorted(labels.items())))] += 1
         self._counts[(f"{name}_sum", tuple(sorted(labels.items())))] += value
         self._emit("histogram", name, labels, value)
 
-    def get(self, name: str, **labels: str) -> float:
+    def get(self, name: str, /, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
         return self._counts.get(key, self._gauges.get(key, 0.0))
 
-    def total(self, name: str, **match: str) -> float:
+    def total(self, name: str, /, **match: str) -> float:
         """Sum of counter ``name`` over every label set that includes ``match``."""
         return sum(
             v

@@ -33,22 +33,27 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from .budget import Reservation
 from .cache import CacheLookup, MemoryTier, cache_key
-from .config import AppArgs, ModelConfig
+from .directory import ModelDirectory
+from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
 from .errors import CircuitOpen, Overloaded, ServeAppError, UnknownModel, UpstreamError, UpstreamTimeout
+from .keys import KeyRing
 from .metrics import Counters
+from .policy import OPEN_DOOR, Admission, TrafficPolicy
+from .policy_store import PolicyStore
 from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
 from .schemas import CacheStatus, PredictRequest
 from .logs import log_prediction
 from .singleflight import SingleFlight
 
 __all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
-
-DEFAULT_VARIANT = "default"
 _FREE: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
 
 # Failures of a model that another model can cover (all retryable, none the client's fault).
 _FALLBACK_ON = (CircuitOpen, UpstreamError, UpstreamTimeout, Overloaded)
+# Failures that move a request to the model's next variant: fast ones (no deadline spent).
+_NEXT_VARIANT_ON = (CircuitOpen, Overloaded)
 
 
 class PredictorClient(Protocol):
@@ -60,7 +65,7 @@ class CacheClient(Protocol):
     async def get(self, key: str) -> CacheLookup | None: ...
     async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool: ...
     async def stats(self) -> dict[str, Any]: ...
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any]) -> None: ...
+    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None: ...
     async def cost_report(self) -> dict[str, Any]: ...
 
 
@@ -96,6 +101,7 @@ class RouterCore:
         info_refresh_s: float = 1.0,
         info_timeout_s: float = 5.0,
         flight_context: Callable[[], contextvars.Context] | None = None,
+        policy: TrafficPolicy | None = None,
     ) -> None:
         self.args = args
         self._predictors = dict(predictors)
@@ -103,72 +109,52 @@ class RouterCore:
         self._ledger = cache  # the cost book lives in the Cache deployment even with caching off
         self._clock = clock
         self.counters = counters or Counters()
-        self._info: dict[str, ModelInfoPayload] = {}
-        self._info_refresh_s = info_refresh_s
+        self.policy = policy or TrafficPolicy(
+            args, PolicyStore(None, args.cache.key_prefix), KeyRing.load(args.policy.auth), counters=self.counters
+        )
         self._info_timeout_s = info_timeout_s
+        self.directory = ModelDirectory(self._predictors, self.counters, refresh_s=info_refresh_s,
+                                        timeout_s=info_timeout_s)
         self._flight: SingleFlight[PredictionPayload] = SingleFlight(flight_context)
         # Repeated hits are answered here, without a hop to the Cache deployment. Keys carry
         # the program version, so a swap never serves an old answer from here either.
         self._near = MemoryTier(args.cache.near_max_entries, args.cache.near_ttl_s, clock)
         self._background: set[asyncio.Task[Any]] = set()
 
-    # ---- model directory -------------------------------------------------------------
-
-    async def _fetch_info(self, name: str) -> ModelInfoPayload:
-        """Fetch one predictor's info (version, fields) and remember it; raises as it failed."""
-        async with asyncio.timeout(self._info_timeout_s):
-            info = await self._predictors[name].info()
-        self._info[name] = info
-        return info
+    # ---- model directory (serve_app.directory) ---------------------------------------
 
     async def refresh_info(self, name: str) -> ModelInfoPayload:
-        """``_fetch_info`` for the request path: any failure is a retryable 503."""
-        try:
-            return await self._fetch_info(name)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - starting, dead or unreachable: retry shortly
-            raise Overloaded(f"model '{name}' is not answering yet", retry_after_s=1.0) from None
+        return await self.directory.refresh(name)
 
     async def model_info(self, name: str) -> ModelInfoPayload:
-        info = self._info.get(name)
-        return info if info is not None else await self.refresh_info(name)
+        return await self.directory.get(name)
 
     async def refresh_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        """Keep every model's info fresh; never raises (a failed refresh keeps the old info)."""
-        while True:
-            for name in self._predictors:
-                try:
-                    await self.refresh_info(name)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - a predictor down now is retried next tick
-                    self.counters.inc("info_refresh_errors", model=name)
-            await sleep(self._info_refresh_s)
+        """Keep every deployment's info fresh; never raises."""
+        await self.directory.refresh_loop(sleep)
 
     # ---- predictions -----------------------------------------------------------------
 
     def _model(self, name: str) -> ModelConfig:
         model = self.args.model(name)
-        if model is None or name not in self._predictors:
+        if model is None or any(v.deployment not in self._predictors for v in model.served_variants()):
             raise UnknownModel(f"unknown model '{name}'")
         return model
 
-    def _key(self, model: ModelConfig, version: str, inputs: Mapping[str, Any]) -> str:
-        return cache_key(
-            self.args.cache.key_prefix, model.name, DEFAULT_VARIANT, version, model.lm.cache_identity(), inputs
-        )
+    def _key(self, model: ModelConfig, variant: Variant, version: str, inputs: Mapping[str, Any]) -> str:
+        lm = model.for_variant(variant.name).lm
+        return cache_key(self.args.cache.key_prefix, model.name, variant.name, version, lm.cache_identity(), inputs)
 
-    async def predict(self, request: PredictRequest, request_id: str) -> PredictOutcome:
+    async def predict(self, request: PredictRequest, request_id: str, admission: Admission = OPEN_DOOR) -> PredictOutcome:
         """Answer one prediction and account for it (metrics, log line), whatever happens."""
         started = self._clock()
         try:
-            outcome = await self._predict_outcome(request, request_id, started)
+            outcome = await self._predict_outcome(request, request_id, started, admission)
         except ServeAppError as exc:
-            self._account_error(request.model, exc.code, started, request_id)
+            self._account_error(request.model, exc.code, started, request_id, admission)
             raise
         except Exception:
-            self._account_error(request.model, "internal", started, request_id)
+            self._account_error(request.model, "internal", started, request_id, admission)
             raise
         return outcome
 
@@ -180,29 +166,49 @@ class RouterCore:
         # Only configured names become label values: a client cannot mint series.
         return name if name is not None and self.args.model(name) is not None else "-"
 
-    def _account_error(self, model: str, code: str, started: float, request_id: str) -> None:
+    def _account_error(self, model: str, code: str, started: float, request_id: str, admission: Admission) -> None:
         label = self._model_label(model)
         latency_ms = (self._clock() - started) * 1000.0
         self.counters.inc("errors", model=label, code=code)
-        self.counters.inc("predictions", model=label, variant=DEFAULT_VARIANT, outcome="error", cache="NONE")
-        self.counters.observe("prediction_latency_ms", latency_ms, model=label, variant=DEFAULT_VARIANT)
-        log_prediction(request_id=request_id, model=label, variant=DEFAULT_VARIANT, outcome="error",
-                       error_code=code, latency_ms=latency_ms)
+        self.counters.inc("predictions", model=label, variant="-", outcome="error", cache="NONE")
+        self.counters.observe("prediction_latency_ms", latency_ms, model=label, variant="-")
+        log_prediction(request_id=request_id, model=label, outcome="error", error_code=code,
+                       latency_ms=latency_ms, api_key=admission.principal.id)
 
-    async def _predict_outcome(self, request: PredictRequest, request_id: str, started: float) -> PredictOutcome:
+    def _plan(self, model: ModelConfig, request: PredictRequest, admission: Admission) -> list[tuple[ModelConfig, Variant]]:
+        """Where to send this request, in order: the chosen variant, the model's other healthy
+        variants (only on fast failures), then the fallback model's variants."""
+        plan = [(model, v) for v in self.policy.order(model, admission, request.variant, self.directory.unhealthy)]
+        if model.fallback is not None:
+            fallback = self.args.model(model.fallback)
+            if fallback is not None and admission.principal.may_call(fallback.name):
+                plan += [(fallback, v) for v in self.policy.order(fallback, admission, None, self.directory.unhealthy)]
+        return plan
+
+    async def _predict_outcome(
+        self, request: PredictRequest, request_id: str, started: float, admission: Admission
+    ) -> PredictOutcome:
         model = self._model(request.model)
-        served = model
+        admission.principal.require_model(model.name)
+        plan = self._plan(model, request, admission)
         try:
             async with asyncio.timeout(self.args.limits.request_timeout_s):
-                try:
-                    payload, status, shared = await self._predict(model, request)
-                except ServeAppError as exc:
-                    fallback = self._fallback_for(model, exc)
-                    if fallback is None:
-                        raise
-                    self.counters.inc("fallbacks", model=model.name, fallback=fallback.name, code=exc.code)
-                    payload, status, shared = await self._predict(fallback, request)
-                    served = fallback
+                i = 0
+                while True:
+                    served, variant = plan[i]
+                    try:
+                        payload, status, shared = await self._predict(served, variant, request, admission)
+                        break
+                    except ServeAppError as exc:
+                        if isinstance(exc, CircuitOpen):
+                            self.directory.mark_open(variant.deployment)
+                        i = next((j for j in range(i + 1, len(plan)) if self._may_move(served, plan[j][0], exc)), -1)
+                        if i < 0:
+                            raise
+                        if plan[i][0] is not served:
+                            self.counters.inc("fallbacks", model=model.name, fallback=plan[i][0].name, code=exc.code)
+                        else:
+                            self.counters.inc("variant_shifts", model=model.name, variant=variant.name, code=exc.code)
         except TimeoutError:
             raise UpstreamTimeout(f"model '{model.name}' did not answer within the request deadline") from None
         cached = status.startswith("HIT")
@@ -214,7 +220,7 @@ class RouterCore:
         body = {
             "request_id": request_id,
             "model": model.name,
-            "variant": DEFAULT_VARIANT,
+            "variant": variant.name,
             "program_version": payload["program_version"],
             "outputs": payload["outputs"],
             "cached": cached,
@@ -224,40 +230,44 @@ class RouterCore:
             "served_by": served.name,
         }
         outcome = "degraded" if degraded else "ok"
-        self.counters.inc("predictions", model=model.name, variant=DEFAULT_VARIANT, outcome=outcome, cache=status)
-        self.counters.observe("prediction_latency_ms", latency_ms, model=model.name, variant=DEFAULT_VARIANT)
+        self.counters.inc("predictions", model=model.name, variant=variant.name, outcome=outcome, cache=status)
+        self.counters.observe("prediction_latency_ms", latency_ms, model=model.name, variant=variant.name)
         cost = usage.get("cost_usd")
         headers = {
             "X-Cache": status,
-            "X-Model-Variant": DEFAULT_VARIANT,
+            "X-Model-Variant": variant.name,
             "X-Response-Time": f"{latency_ms:.1f}ms",
             "X-Cost-USD": "unknown" if cost is None else f"{cost:.10f}".rstrip("0").rstrip(".") or "0",
+            **admission.headers(),
         }
         if degraded:
             headers["X-Degraded"] = f"fallback={served.name}"
         if shared:
             headers["X-Coalesced"] = "true"
-        log_prediction(request_id=request_id, model=model.name, variant=DEFAULT_VARIANT, outcome=outcome,
+        log_prediction(request_id=request_id, model=model.name, variant=variant.name, outcome=outcome,
                        served_by=served.name, cache=status, input_tokens=usage["input_tokens"],
-                       output_tokens=usage["output_tokens"], cost_usd=cost, latency_ms=latency_ms)
+                       output_tokens=usage["output_tokens"], cost_usd=cost, latency_ms=latency_ms,
+                       api_key=admission.principal.id)
         return PredictOutcome(body, headers)
 
-    def _fallback_for(self, model: ModelConfig, exc: ServeAppError) -> ModelConfig | None:
-        """The model to ask instead, when ``model`` failed in a way another model can cover:
-        its breaker is open, or its provider failed, timed out or is rate limiting."""
-        if model.fallback is None or not isinstance(exc, _FALLBACK_ON):
-            return None
-        return self.args.model(model.fallback)
+    @staticmethod
+    def _may_move(current: ModelConfig, nxt: ModelConfig, exc: ServeAppError) -> bool:
+        """Another variant of the same model on fast failures; the fallback model on any
+        failure another model can cover (breaker open, provider error, timeout, overload)."""
+        if nxt is current:
+            return isinstance(exc, _NEXT_VARIANT_ON)
+        return isinstance(exc, _FALLBACK_ON)
 
     async def _predict(
-        self, model: ModelConfig, request: PredictRequest
+        self, model: ModelConfig, variant: Variant, request: PredictRequest, admission: Admission
     ) -> tuple[PredictionPayload, CacheStatus, bool]:
         """``(payload, X-Cache status, shared)``; ``shared`` marks a coalesced follower."""
-        info = await self.model_info(model.name)
+        info = await self.model_info(variant.deployment)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
-            return await self._call_predictor(model, request.inputs), "BYPASS", False
-        key = self._key(model, info["program_version"], request.inputs)
+            reservation = await self.policy.reserve(model, variant, admission)
+            return await self._paid_call(model, variant, request.inputs, reservation, admission), "BYPASS", False
+        key = self._key(model, variant, info["program_version"], request.inputs)
         near = self._near.get(key)
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
@@ -268,30 +278,49 @@ class RouterCore:
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
         if hit is not None:
             self.counters.inc("cache_client_errors", op="foreign_value")
-        # An identical flight may have finished while we waited on the Cache deployment: its
-        # answer is already in the near cache (written before the Cache hop). From here to
-        # joining or starting a flight there is no await, so no second LM call slips in.
+        # A miss costs money: reserve the budget first, unless an identical flight is already
+        # paying for it (a follower costs nothing).
+        reservation = None if self._flight.in_flight(key) else await self.policy.reserve(model, variant, admission)
+        # An identical flight may have finished while we waited on the Cache deployment or the
+        # budget: its answer is already in the near cache (written before the Cache hop). From
+        # here to joining or starting a flight there is no await, so no second LM call slips in.
         near = self._near.get(key)
         if near is not None:
+            self._spawn(self.policy.release(reservation))
             return near, "HIT-MEMORY", False
+        if reservation is not None and self._flight.in_flight(key):
+            # A flight started while we reserved: we will follow it and pay nothing.
+            self._spawn(self.policy.release(reservation))
+            reservation = None
         payload, shared = await self._flight.do(
             key,
-            lambda: self._call_predictor(model, request.inputs),
+            lambda: self._paid_call(model, variant, request.inputs, reservation, admission),
             # The write-back runs inside the flight: waiters already have the answer, and a
             # request arriving before the write lands joins the flight instead of the LM.
-            then=lambda p: self._cache_set(self._key(model, p["program_version"], request.inputs), dict(p),
+            then=lambda p: self._cache_set(self._key(model, variant, p["program_version"], request.inputs), dict(p),
                                            model.cache_ttl_s),
         )
         return payload, "MISS", shared
 
-    async def _call_predictor(self, model: ModelConfig, inputs: Mapping[str, Any]) -> PredictionPayload:
-        """One LM-backed prediction (a leader's): also books its cost, in the background."""
-        payload = await self._predictors[model.name].predict(inputs)
-        known = self._info.get(model.name)
+    async def _paid_call(
+        self, model: ModelConfig, variant: Variant, inputs: Mapping[str, Any],
+        reservation: Reservation | None, admission: Admission,
+    ) -> PredictionPayload:
+        """One LM-backed prediction (a leader's); books its cost, budget and tokens in the
+        background, or gives the budget reservation back when it failed."""
+        try:
+            payload = await self._predictors[variant.deployment].predict(inputs)
+        except BaseException:
+            self._spawn(self.policy.release(reservation))
+            raise
+        self.directory.mark_ok(variant.deployment)
+        known = self.directory.known(variant.deployment)
         if known is not None and known["program_version"] != payload["program_version"]:
             # The predictor was reconfigured: learn the new version now, not at next refresh.
-            self._spawn(self._refresh_quietly(model.name))
-        self._spawn(self._record_usage(model.name, dict(payload["usage"])))
+            self._spawn(self.directory.refresh_quietly(variant.deployment))
+        usage = dict(payload["usage"])
+        self._spawn(self._record_usage(model.name, variant.name, usage, admission))
+        self._spawn(self.policy.settle(reservation, variant, usage, admission))
         return payload
 
     # ---- cache access: bounded, never raising -----------------------------------------
@@ -316,12 +345,13 @@ class RouterCore:
         except Exception:  # noqa: BLE001 - a failed write is only a future miss
             self.counters.inc("cache_client_errors", op="set")
 
-    async def _record_usage(self, model: str, usage: dict[str, Any]) -> None:
+    async def _record_usage(self, model: str, variant: str, usage: dict[str, Any], admission: Admission) -> None:
         if self._ledger is None:
             return
+        key_id = admission.principal.id if admission.principal.authenticated else None
         try:
             async with asyncio.timeout(self.args.cache.hop_timeout_s):
-                await self._ledger.record_usage(model, DEFAULT_VARIANT, usage)
+                await self._ledger.record_usage(model, variant, usage, key_id)
         except Exception:  # noqa: BLE001 - an unbooked cost is counted, never a failure
             self.counters.inc("cost_book_errors")
 
@@ -331,12 +361,6 @@ class RouterCore:
             return {"scope": "none", "total": {}, "today": {}}
         async with asyncio.timeout(self._info_timeout_s):
             return await self._ledger.cost_report()
-
-    async def _refresh_quietly(self, name: str) -> None:
-        try:
-            await self.refresh_info(name)
-        except Exception:  # noqa: BLE001 - the refresh loop tries again
-            self.counters.inc("info_refresh_errors", model=name)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -353,7 +377,9 @@ class RouterCore:
     async def models(self) -> list[dict[str, Any]]:
         out = []
         for model in self.args.models:
-            info = await self.model_info(model.name)
+            variants = self.policy.picker.weighted(model)
+            infos = [await self.model_info(v.deployment) for v in variants]
+            info = infos[0]
             out.append(
                 {
                     "name": model.name,
@@ -362,6 +388,12 @@ class RouterCore:
                     "inputs": info["inputs"],
                     "outputs": info["outputs"],
                     "lm": {"model": model.lm.model},
+                    "variants": [
+                        {"name": v.name, "weight": v.weight, "program_version": i["program_version"],
+                         "lm": {"model": model.for_variant(v.name).lm.model}}
+                        for v, i in zip(variants, infos)
+                    ],
+                    "pin_variants": model.pin_variants,
                 }
             )
         return out
@@ -372,7 +404,7 @@ class RouterCore:
         ok = True
         for name in self._predictors:
             try:
-                info = await self._fetch_info(name)
+                info = await self.directory.fetch(name)
                 detail["models"][name] = {
                     "ready": True,
                     "program_version": info["program_version"],

@@ -31,6 +31,8 @@ class PredictRequest(BaseModel):
     model: str = Field(min_length=1, max_length=64)
     inputs: dict[str, Any]
     cache: bool = True
+    variant: str | None = Field(default=None, min_length=1, max_length=64,
+                                description="Pin a variant (only where the model allows it).")
 
 
 class UsageOut(BaseModel):

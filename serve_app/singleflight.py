@@ -44,6 +44,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def in_flight(self, key: str) -> bool:
+        """Whether a call for ``key`` would join a flight now."""
+        return key in self._inflight
+
     async def do(
         self,
         key: str,

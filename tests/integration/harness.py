@@ -247,15 +247,25 @@ def dspy_app(
     limits: dict[str, Any] | None = None,
     deployments: list[dict[str, Any]] | None = None,
     router_replicas: int = 1,
+    policy: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One ``serve_app.app:build_app`` application with every replica at ``num_cpus: 0``."""
+    """One ``serve_app.app:build_app`` application with every replica at ``num_cpus: 0``
+    (a model with variants has one predictor deployment per variant, ``<model>.<variant>``)."""
     args: dict[str, Any] = {"models": models}
     if cache is not None:
         args["cache"] = cache
     if limits is not None:
         args["limits"] = limits
+    if policy is not None:
+        args["policy"] = policy
+    if http is not None:
+        args["http"] = http
     by_name = {d["name"]: dict(d) for d in deployments or []}
-    names = ["Router", "Cache", *[m["name"] for m in models]]
+    predictors: list[str] = []
+    for m in models:
+        predictors += [f"{m['name']}.{v['name']}" for v in m.get("variants") or []] or [m["name"]]
+    names = ["Router", "Cache", *predictors]
     deps = []
     for dep in names:
         d = by_name.pop(dep, {"name": dep})

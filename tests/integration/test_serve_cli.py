@@ -49,6 +49,27 @@ def test_serve_deploy_default_config_then_another(cluster: ServeCluster, http: h
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "unknown_model"
 
 
+def test_traffic_policy_demo_config_deploys_and_enforces_keys(cluster: ServeCluster, http: httpx.Client,
+                                                              tmp_path: Path) -> None:
+    cluster.deploy(_with_port(cluster, "configs/traffic-policy.yaml", tmp_path))
+    team = {"Authorization": "Bearer demo-team-key-change-me-0002"}
+    body = {"model": "qa", "inputs": {"question": "What is Ray Serve?"}}
+    assert http.post("/v1/predict", json=body).status_code == 401
+    r = http.post("/v1/predict", json=body, headers={**team, "X-Session-ID": "u42"})
+    assert r.status_code == 200, r.text
+    assert r.json()["variant"] in {"v1", "v2"} and r.headers["X-RateLimit-Limit"] == "120"
+    pinned = http.post("/v1/predict", json={**body, "variant": "v2"}, headers=team)
+    assert pinned.status_code == 200 and pinned.json()["variant"] == "v2"
+    denied = http.post("/v1/predict", json={"model": "classify", "inputs": {"text": "great"}}, headers=team)
+    assert denied.status_code == 403
+    admin = {"Authorization": "Bearer demo-admin-key-change-me-0001"}
+    assert http.get("/config", headers=admin).status_code == 200
+    assert http.get("/config", headers=team).status_code == 403
+    preflight = http.options("/v1/predict", headers={"Origin": "http://localhost:3000",
+                                                      "Access-Control-Request-Method": "POST"})
+    assert preflight.headers.get("access-control-allow-origin") == "http://localhost:3000"
+
+
 def test_bad_config_fails_deploy_naming_the_field(cluster: ServeCluster, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(

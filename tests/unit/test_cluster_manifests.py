@@ -533,7 +533,8 @@ def test_timeout_ladder(path: str) -> None:
         for m in args.models:
             assert m.lm.timeout_s < m.timeout_s < args.limits.request_timeout_s < proxy, m.name
         named = {d["name"] for d in app["deployments"]}
-        assert named >= {"Router", "Cache"} | {m.name for m in args.models}, "every deployment sets its own options"
+        deployments = {v.deployment for m in args.models for v in m.served_variants()}
+        assert named >= {"Router", "Cache"} | deployments, "every deployment sets its own options"
         assert proxy < min(graceful) and max(graceful) < grace
         for d in app["deployments"]:
             assert d["ray_actor_options"]["num_cpus"] > 0, f"{path}: {d['name']} must request CPU to spread to workers"

@@ -101,13 +101,21 @@ def test_application_programs_and_user_configs_load(label: str, doc: dict[str, A
     """Each model's program + state loads, and every predictor ``user_config`` is a valid
     ``ProgramRelease`` whose state fits that model's program (what ``reconfigure`` will do)."""
     args = _app_args(app)
-    for model in args.models:
+    served = {v.deployment: m.for_variant(v.name) for m in args.models for v in m.served_variants()}
+    for model in served.values():
         assert load_program(model.program, model.release()).version
-    known = {"Router", "Cache"} | {m.name for m in args.models}
+    known = {"Router", "Cache"} | set(served)
     for dep in app.get("deployments") or []:
         assert dep["name"] in known, f"{label}: deployment '{dep['name']}' matches no deployment of the app"
+        if dep["name"] == "Router" and "user_config" in dep:
+            # The Router's user_config is its variant weights: valid, and naming real variants.
+            from serve_app.config import TrafficWeights
+            from serve_app.variants import VariantPicker
+
+            VariantPicker().set_weights(TrafficWeights.model_validate(dep["user_config"]).weights, args.models)
+            continue
         if "user_config" in dep:
-            predictor = args.model(dep["name"])
+            predictor = served.get(dep["name"])
             assert predictor is not None, f"{label}: user_config on non-predictor '{dep['name']}'"
             release = ProgramRelease.model_validate(dep["user_config"])
             assert load_program(predictor.program, release).version

@@ -314,7 +314,8 @@ async def test_models_endpoint(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     models = response.json()["models"]
     assert [m["name"] for m in models] == ["qa", "classify"]
-    assert set(models[0]) == {"name", "description", "program_version", "inputs", "outputs", "lm"}
+    assert set(models[0]) == {"name", "description", "program_version", "inputs", "outputs", "lm", "variants",
+                              "pin_variants"}
 
 
 async def test_models_endpoint_errors_use_the_error_body(

@@ -371,6 +371,8 @@ async def test_models_shape(core: RouterCore) -> None:
         "inputs": [{"name": "question", "type": "str", "description": ""}],
         "outputs": [{"name": "answer", "type": "str", "description": ""}],
         "lm": {"model": "openai/sim-qa"},
+        "variants": [{"name": "default", "weight": 1.0, "program_version": "v1", "lm": {"model": "openai/sim-qa"}}],
+        "pin_variants": False,
     }
     assert models[1]["inputs"] == [{"name": "text", "type": "str", "description": ""}]
 
