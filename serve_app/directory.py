@@ -9,11 +9,16 @@ Contract of ``ModelDirectory``:
 - ``unhealthy`` is the set of deployments whose breaker is open: learned from each refresh
   and at once from a ``CircuitOpen`` answer (``mark_open``), cleared by a success
   (``mark_ok``) or a refresh that finds the breaker closed. Variant choice steers around it.
+- ``open_for(name)`` is how much longer that breaker stays open, by the predictor's own
+  ``retry_after_s`` when it was learned (on this process's clock): while it is above 0 the
+  router answers ``circuit_open`` for a miss itself, without a hop. When it runs out the
+  request goes to the predictor again, whose breaker then lets its half-open probes through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -36,13 +41,16 @@ class ModelDirectory:
         *,
         refresh_s: float = 1.0,
         timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._predictors = predictors
         self._counters = counters
         self._refresh_s = refresh_s
         self._timeout_s = timeout_s
+        self._clock = clock
         self._info: dict[str, ModelInfoPayload] = {}
         self.unhealthy: set[str] = set()
+        self._open_until: dict[str, float] = {}
 
     def known(self, name: str) -> ModelInfoPayload | None:
         return self._info.get(name)
@@ -54,9 +62,9 @@ class ModelDirectory:
         self._info[name] = info
         breaker: Any = info.get("breaker") or {}
         if str(breaker.get("state", "")).upper() == "OPEN":
-            self.unhealthy.add(name)
+            self.mark_open(name, breaker.get("retry_after_s"))
         else:
-            self.unhealthy.discard(name)
+            self.mark_ok(name)
         return info
 
     async def refresh(self, name: str) -> ModelInfoPayload:
@@ -89,8 +97,16 @@ class ModelDirectory:
                     self._counters.inc("info_refresh_errors", model=name)
             await sleep(self._refresh_s)
 
-    def mark_open(self, name: str) -> None:
+    def mark_open(self, name: str, retry_after_s: float | None = None) -> None:
         self.unhealthy.add(name)
+        if isinstance(retry_after_s, int | float) and retry_after_s > 0:
+            self._open_until[name] = self._clock() + float(retry_after_s)
 
     def mark_ok(self, name: str) -> None:
         self.unhealthy.discard(name)
+        self._open_until.pop(name, None)
+
+    def open_for(self, name: str) -> float:
+        """Seconds this deployment's breaker stays open as last learned; 0 when not open."""
+        until = self._open_until.get(name)
+        return 0.0 if until is None else max(0.0, until - self._clock())

@@ -114,7 +114,7 @@ class RouterCore:
         )
         self._info_timeout_s = info_timeout_s
         self.directory = ModelDirectory(self._predictors, self.counters, refresh_s=info_refresh_s,
-                                        timeout_s=info_timeout_s)
+                                        timeout_s=info_timeout_s, clock=clock)
         self._flight: SingleFlight[PredictionPayload] = SingleFlight(flight_context)
         # Repeated hits are answered here, without a hop to the Cache deployment. Keys carry
         # the program version, so a swap never serves an old answer from here either.
@@ -201,7 +201,7 @@ class RouterCore:
                         break
                     except ServeAppError as exc:
                         if isinstance(exc, CircuitOpen):
-                            self.directory.mark_open(variant.deployment)
+                            self.directory.mark_open(variant.deployment, exc.retry_after_s)
                         i = next((j for j in range(i + 1, len(plan)) if self._may_move(served, plan[j][0], exc)), -1)
                         if i < 0:
                             raise
@@ -265,6 +265,7 @@ class RouterCore:
         info = await self.model_info(variant.deployment)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
+            self._short_circuit(model, variant, None)
             reservation = await self.policy.reserve(model, variant, admission)
             return await self._paid_call(model, variant, request.inputs, reservation, admission), "BYPASS", False
         key = self._key(model, variant, info["program_version"], request.inputs)
@@ -278,6 +279,7 @@ class RouterCore:
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
         if hit is not None:
             self.counters.inc("cache_client_errors", op="foreign_value")
+        self._short_circuit(model, variant, key)
         # A miss costs money: reserve the budget first, unless an identical flight is already
         # paying for it (a follower costs nothing).
         reservation = None if self._flight.in_flight(key) else await self.policy.reserve(model, variant, admission)
@@ -301,6 +303,14 @@ class RouterCore:
                                            model.cache_ttl_s),
         )
         return payload, "MISS", shared
+
+    def _short_circuit(self, model: ModelConfig, variant: Variant, key: str | None) -> None:
+        """A miss for a deployment whose breaker is known to be open is answered here, without
+        a hop (unless an identical call is already in flight: then it joins that)."""
+        remaining = self.directory.open_for(variant.deployment)
+        if remaining > 0 and (key is None or not self._flight.in_flight(key)):
+            self.counters.inc("short_circuits", model=model.name, variant=variant.name)
+            raise CircuitOpen(f"model '{model.name}' is failing; calls are paused", retry_after_s=remaining)
 
     async def _paid_call(
         self, model: ModelConfig, variant: Variant, inputs: Mapping[str, Any],

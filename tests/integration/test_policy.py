@@ -73,8 +73,11 @@ def _config(sim: LMSim, redis: RedisProcess, workdir: Path, weights: dict[str, A
         policy={"auth": {"enabled": True, "keys": keys, "keys_file": str(workdir / "keys.json")},
                 "expected_router_replicas": 2},
     )
+    # Its own key prefix: routers that share a prefix share limits and count each other as
+    # live replicas (the outage share), and A3 counts on exactly /pa's two.
     app_b = dspy_app(
-        "policy_b", "/pb", [sim_model("qa", sim.api_base, QA)], cache=cache, router_replicas=2,
+        "policy_b", "/pb", [sim_model("qa", sim.api_base, QA)], cache={**cache, "key_prefix": PREFIX + "_b"},
+        router_replicas=2,
         policy={"rate_limit": {"requests_per_minute": 50}, "trusted_proxy_hops": 0, "expected_router_replicas": 2},
     )
     return serve_config(app_a, app_b)

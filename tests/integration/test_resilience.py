@@ -242,7 +242,8 @@ def test_b2_open_breaker_answers_fast_503s_without_lm_calls(app: ServeCluster, s
     print(f"\nB2: 200 circuit_open answers in {spent:.2f}s (open period {reopened_s:g}s); "
           f"p50 {sorted(latencies)[100] * 1000:.1f} ms, p99 {p99(latencies) * 1000:.1f} ms, "
           f"max {max(latencies) * 1000:.1f} ms; Retry-After {retry_afters[0]} -> {retry_afters[-1]}")
-    # RELIABILITY B2 aims at p99 < 20 ms (README: not met through Serve's default proxy). The
+    # RELIABILITY B2 aims at p99 < 20 ms; the router now answers these without a hop (its
+    # short-circuit), measured p50 11.0 ms / p99 22.4 ms here through Serve's default proxy. The
     # guard here is "fast, never waiting for the LM": the model's LM timeout is 1 s.
     assert sorted(latencies)[len(latencies) // 2] < 0.100
     assert p99(latencies) < 1.0  # below the LM timeout: nothing waited for the LM

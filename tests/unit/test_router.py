@@ -461,3 +461,36 @@ async def test_near_cache_never_serves_another_program_version(fake_predictor: F
     await core.refresh_info("qa")
     out = await ask(core)
     assert out.headers["X-Cache"] == "MISS" and out.body["program_version"] == "v2"
+
+
+# ----------------------------------------------------------------------------- open breaker short-circuit
+
+
+async def test_known_open_breaker_answers_misses_without_a_hop_until_it_may_probe(fake_predictor: FakePredictor) -> None:
+    from serve_app.errors import CircuitOpen
+
+    clock = FakeClock()
+    cache = FakeCache()
+    core = core_with({"qa": fake_predictor, "classify": FakePredictor("classify", inputs=("text",))}, cache,
+                     clock=clock)
+    await ask(core, {"question": "cached before the trip"})
+    await core.drain()
+    fake_predictor.fail(CircuitOpen("model 'qa' is failing; calls are paused", retry_after_s=3.0))
+    with pytest.raises(CircuitOpen):
+        await ask(core, {"question": "first miss"})
+    calls = len(fake_predictor.predict_calls)
+    # While the predictor's breaker is open (3 s by its own Retry-After), misses are answered
+    # here: no predictor call, Retry-After counting down; hits are still served.
+    clock.advance(1.0)
+    with pytest.raises(CircuitOpen) as info:
+        await ask(core, {"question": "second miss"})
+    assert len(fake_predictor.predict_calls) == calls
+    assert info.value.retry_after_s == pytest.approx(2.0)
+    assert (await ask(core, {"question": "cached before the trip"})).headers["X-Cache"] == "HIT-MEMORY"
+    assert core.counters.get("short_circuits", model="qa", variant="default") == 1
+    # Once the open period is over, the next miss goes to the predictor (its half-open probe).
+    fake_predictor.fail(None)
+    clock.advance(2.5)
+    assert (await ask(core, {"question": "probe"})).headers["X-Cache"] == "MISS"
+    assert len(fake_predictor.predict_calls) == calls + 1
+    assert core.directory.open_for("qa") == 0.0
