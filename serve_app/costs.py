@@ -2,7 +2,9 @@
 
 Contract:
 - ``record(model, variant, usage, key_id)`` adds one LM-backed prediction (cache hits cost
-  nothing and are never recorded), also under the API key's id when there is one. Totals are kept since start and for the current UTC day.
+  nothing and are never recorded), also under the API key's id when there is one;
+  ``record_many(records)`` adds a batch in one store round trip (the router sends its queue
+  every half second). Totals are kept since start and for the current UTC day.
 - With Redis, every replica increments the same hashes atomically (``HINCRBYFLOAT`` in one
   pipeline per prediction), so ``report()`` is cluster-wide; day hashes expire after 8 days,
   the running totals after 400 days without a write (every key the app writes has a TTL).
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -100,7 +102,19 @@ class CostBook:
         return f"{self._prefix}:costs:total", f"{self._prefix}:costs:day:{day}"
 
     async def record(self, model: str, variant: str, usage: Mapping[str, Any], key_id: str | None = None) -> None:
-        fields = _fields(model, variant, usage, key_id)
+        await self._add(_fields(model, variant, usage, key_id))
+
+    async def record_many(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Several predictions at once (``{model, variant, usage, key_id}`` each): one store
+        round trip for the batch."""
+        total: defaultdict[str, float] = defaultdict(float)
+        for r in records:
+            for k, v in _fields(r["model"], r["variant"], r["usage"], r.get("key_id")).items():
+                total[k] += v
+        if total:
+            await self._add(dict(total))
+
+    async def _add(self, fields: dict[str, float]) -> None:
         day = self._day()
         today = self._days.setdefault(day, defaultdict(float))
         for days in list(self._days):  # keep only today's local day book

@@ -58,8 +58,8 @@ class Cache:
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
-        await self.costs.record(model, variant, usage, key_id)
+    async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
+        await self.costs.record_many(records)
 
     async def cost_report(self) -> dict[str, Any]:
         return await self.costs.report()
@@ -178,8 +178,8 @@ class HandleCache:
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()
 
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
-        await self._h.record_usage.remote(model, variant, usage, key_id)
+    async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
+        await self._h.record_usage_many.remote(records)
 
     async def cost_report(self) -> dict[str, Any]:
         return await self._h.cost_report.remote()
@@ -213,6 +213,10 @@ class Router:
         loop = asyncio.get_running_loop()
         self._refresher = loop.create_task(self.core.refresh_loop())
         self._heartbeat = loop.create_task(store.heartbeat_loop()) if store.shared else None
+
+    async def __del__(self) -> None:
+        """Graceful shutdown: the last queued usage records reach the cost book."""
+        await self.core.flush_usage()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         weights = TrafficWeights.model_validate(user_config or {})

@@ -65,7 +65,7 @@ class CacheClient(Protocol):
     async def get(self, key: str) -> CacheLookup | None: ...
     async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool: ...
     async def stats(self) -> dict[str, Any]: ...
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None: ...
+    async def record_usage_many(self, records: list[dict[str, Any]]) -> None: ...
     async def cost_report(self) -> dict[str, Any]: ...
 
 
@@ -102,6 +102,7 @@ class RouterCore:
         info_timeout_s: float = 5.0,
         flight_context: Callable[[], contextvars.Context] | None = None,
         policy: TrafficPolicy | None = None,
+        usage_flush_s: float = 0.5,
     ) -> None:
         self.args = args
         self._predictors = dict(predictors)
@@ -120,6 +121,9 @@ class RouterCore:
         # the program version, so a swap never serves an old answer from here either.
         self._near = MemoryTier(args.cache.near_max_entries, args.cache.near_ttl_s, clock)
         self._background: set[asyncio.Task[Any]] = set()
+        self._usage_batch: list[dict[str, Any]] = []
+        self._usage_flusher: asyncio.Future[None] | None = None
+        self._usage_flush_s = usage_flush_s
 
     # ---- model directory (serve_app.directory) ---------------------------------------
 
@@ -329,7 +333,7 @@ class RouterCore:
             # The predictor was reconfigured: learn the new version now, not at next refresh.
             self._spawn(self.directory.refresh_quietly(variant.deployment))
         usage = dict(payload["usage"])
-        self._spawn(self._record_usage(model.name, variant.name, usage, admission))
+        self._book_usage(model.name, variant.name, usage, admission)
         self._spawn(self.policy.settle(reservation, variant, usage, admission))
         return payload
 
@@ -355,15 +359,31 @@ class RouterCore:
         except Exception:  # noqa: BLE001 - a failed write is only a future miss
             self.counters.inc("cache_client_errors", op="set")
 
-    async def _record_usage(self, model: str, variant: str, usage: dict[str, Any], admission: Admission) -> None:
+    def _book_usage(self, model: str, variant: str, usage: dict[str, Any], admission: Admission) -> None:
+        """Queue one LM call's usage for the cost book; the queue is sent as ONE call to the
+        Cache deployment every ``usage_flush_s`` (a hop per prediction cost as much CPU as the
+        rest of the miss path)."""
         if self._ledger is None:
             return
         key_id = admission.principal.id if admission.principal.authenticated else None
+        self._usage_batch.append({"model": model, "variant": variant, "usage": usage, "key_id": key_id})
+        if self._usage_flusher is None or self._usage_flusher.done():
+            self._usage_flusher = asyncio.ensure_future(self._flush_usage_later())
+
+    async def _flush_usage_later(self) -> None:
+        await asyncio.sleep(self._usage_flush_s)
+        await self.flush_usage()
+
+    async def flush_usage(self) -> None:
+        """Send the queued usage records now (never raises; a failed batch is counted)."""
+        batch, self._usage_batch = self._usage_batch, []
+        if not batch or self._ledger is None:
+            return
         try:
             async with asyncio.timeout(self.args.cache.hop_timeout_s):
-                await self._ledger.record_usage(model, variant, usage, key_id)
+                await self._ledger.record_usage_many(batch)
         except Exception:  # noqa: BLE001 - an unbooked cost is counted, never a failure
-            self.counters.inc("cost_book_errors")
+            self.counters.inc("cost_book_errors", float(len(batch)))
 
     async def costs(self) -> dict[str, Any]:
         """``GET /costs``: the cost book's report (cluster-wide with Redis)."""
@@ -378,9 +398,10 @@ class RouterCore:
         task.add_done_callback(self._background.discard)
 
     async def drain(self) -> None:
-        """Wait for background writes and refreshes (tests and shutdown)."""
+        """Wait for background writes and refreshes, then send queued usage (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        await self.flush_usage()
 
     # ---- other endpoints -------------------------------------------------------------
 

@@ -28,7 +28,7 @@ CLASSIFY = {"model": "classify", "inputs": {"text": "great"}}
 
 
 class LedgerCache(FakeCache):
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
+    async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
         pass
 
     async def cost_report(self) -> dict[str, Any]:

@@ -494,3 +494,48 @@ async def test_known_open_breaker_answers_misses_without_a_hop_until_it_may_prob
     assert (await ask(core, {"question": "probe"})).headers["X-Cache"] == "MISS"
     assert len(fake_predictor.predict_calls) == calls + 1
     assert core.directory.open_for("qa") == 0.0
+
+
+async def test_usage_is_booked_in_batches_one_hop_per_flush(fake_predictor: FakePredictor) -> None:
+    class Ledger(FakeCache):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches: list[list[dict[str, Any]]] = []
+
+        async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
+            self.batches.append(records)
+
+    ledger = Ledger()
+    core = core_with({"qa": fake_predictor, "classify": FakePredictor("classify", inputs=("text",))}, ledger,
+                     usage_flush_s=3600)
+    for i in range(5):
+        await ask(core, {"question": f"q{i}"})
+    await ask(core, {"question": "q0"})  # a hit: nothing to book
+    assert ledger.batches == []  # queued, not sent per prediction
+    await core.drain()
+    assert len(ledger.batches) == 1
+    assert [r["usage"]["input_tokens"] for r in ledger.batches[0]] == [11] * 5
+    assert {(r["model"], r["variant"], r["key_id"]) for r in ledger.batches[0]} == {("qa", "default", None)}
+
+
+async def test_cost_book_records_a_batch_in_one_store_round_trip() -> None:
+    from serve_app.costs import CostBook
+
+    class Store:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        async def hincr_many(self, increments: Any, ttl_s: Any) -> bool:
+            self.calls.append(dict(increments))
+            return True
+
+        async def hgetall(self, key: str) -> dict[str, float] | None:
+            return None
+
+    store = Store()
+    book = CostBook("p", store, wall=lambda: 1_700_000_000.0)
+    usage = {"input_tokens": 10, "output_tokens": 5, "cost_usd": 0.5, "by_module": {}}
+    await book.record_many([{"model": "qa", "variant": "a", "usage": usage, "key_id": "k"}] * 3)
+    assert len(store.calls) == 1
+    fields = next(iter(store.calls[0].values()))
+    assert fields["qa|a|requests"] == 3 and fields["qa|a|cost_usd"] == 1.5 and fields["@key|k|input_tokens"] == 30

@@ -45,8 +45,8 @@ class LedgerCache(FakeCache):
         super().__init__()
         self.usage: list[tuple[str, str, dict[str, Any], str | None]] = []
 
-    async def record_usage(self, model: str, variant: str, usage: dict[str, Any], key_id: str | None = None) -> None:
-        self.usage.append((model, variant, usage, key_id))
+    async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
+        self.usage += [(r["model"], r["variant"], r["usage"], r["key_id"]) for r in records]
 
     async def cost_report(self) -> dict[str, Any]:
         return {"scope": "replica", "by_key": {}}
