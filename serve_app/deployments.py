@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 
 from .cache import CacheLookup, TieredCache
 from .costs import CostBook
+from .dspy_speedups import memoize_model_metadata
 from .metrics import Counters, RaySink
 from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease, TrafficWeights
 from .keys import KeyRing
@@ -75,6 +76,7 @@ class Predictor:
 
     def __init__(self, model: ModelConfig, variant: str = "default") -> None:
         install_secret_mask(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
+        memoize_model_metadata()
         self.variant = variant
         self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
 

@@ -214,3 +214,43 @@ def test_a_failing_sink_never_fails_the_caller() -> None:
     counters.set_gauge("breaker_state", 1.0, model="qa")
     assert counters.get("predictions", model="qa") == 1
     assert counters.get("metrics_errors") == 2
+
+
+def test_ray_sink_aggregates_counters_and_gauges_between_flushes() -> None:
+    from serve_app.metrics import RaySink
+
+    class FakeMetric:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+        def inc(self, value: float, tags: dict[str, str]) -> None:
+            self.calls.append(("inc", value, tags))
+
+        def set(self, value: float, tags: dict[str, str]) -> None:
+            self.calls.append(("set", value, tags))
+
+        def observe(self, value: float, tags: dict[str, str]) -> None:
+            self.calls.append(("observe", value, tags))
+
+    now = [0.0]
+    sink = RaySink(flush_s=3600, clock=lambda: now[0])
+    fakes: dict[str, FakeMetric] = {}
+    sink._metric = lambda name: fakes.setdefault(name, FakeMetric())  # type: ignore[method-assign]
+    labels = {"model": "qa", "variant": "a", "outcome": "ok", "cache": "MISS"}
+    for _ in range(5):
+        sink("counter", "predictions", labels, 1.0)
+    sink("gauge", "active_predictions", {"model": "qa"}, 3.0)
+    sink("gauge", "active_predictions", {"model": "qa"}, 0.0)
+    sink("histogram", "prediction_latency_ms", {"model": "qa", "variant": "a"}, 12.0)
+    sink("counter", "not_exported", {}, 1.0)
+    # Histograms go straight through; counters and gauges wait for the flush.
+    assert [c[0] for f in fakes.values() for c in f.calls] == ["observe"]
+    sink.flush()
+    assert fakes["predictions"].calls == [("inc", 5.0, labels)]
+    assert fakes["active_predictions"].calls == [("set", 0.0, {"model": "qa"})]
+    assert "not_exported" not in fakes
+    # Past flush_s, an event flushes inline.
+    sink("counter", "predictions", labels, 1.0)
+    now[0] = 4000.0
+    sink("counter", "predictions", labels, 1.0)
+    assert fakes["predictions"].calls[-1] == ("inc", 2.0, labels)

@@ -1,0 +1,61 @@
+"""Per-process speed-ups for DSPy's hot path, applied in predictor replicas only.
+
+``memoize_model_metadata()``: DSPy 3.4 prices every LM response (``clients/costs.py``) and
+checks capabilities through ``model_metadata.model_info``, which deep-copies the matching
+entry of its bundled metadata snapshot, and for a model it does not know by name (a
+self-hosted or simulated model) scans the whole snapshot for aliases: in the profile
+(``benchmarks/results/profile.md``) this was ~12 % of a predictor's CPU per request. The
+snapshot is static for the process, so the answer for ``(provider, model, namespaces)``
+never changes: this wraps ``model_info`` with a memo (returning a fresh deep copy each time,
+as the original does, so callers may still mutate it) in the modules that imported it.
+Idempotent; if DSPy's layout differs, nothing is patched and DSPy runs as shipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["memoize_model_metadata"]
+
+_MODULES = ("dspy.clients.model_metadata", "dspy.clients.costs", "dspy.clients.capabilities")
+
+
+def _memoized(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.lru_cache(maxsize=1024)
+    def lookup(provider: Any, model: Any, namespaces: Any) -> Any:
+        return original(provider, model, namespaces=None if namespaces is None else list(namespaces))
+
+    @functools.wraps(original)
+    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> Any:
+        try:
+            key = None if namespaces is None else tuple(namespaces)
+            return copy.deepcopy(lookup(provider, model, key))
+        except TypeError:  # unhashable arguments: ask the original
+            return original(provider, model, namespaces=namespaces)
+
+    model_info.__serve_app_memo__ = True  # type: ignore[attr-defined]
+    return model_info
+
+
+def memoize_model_metadata() -> bool:
+    """Install the memo; True when ``model_info`` is memoized in every module using it."""
+    try:
+        source = importlib.import_module(_MODULES[0])
+        original = source.model_info
+    except (ImportError, AttributeError):
+        return False
+    if getattr(original, "__serve_app_memo__", False):
+        return True
+    memo = _memoized(original)
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "model_info", None) is original:
+            module.model_info = memo
+    return True
