@@ -63,6 +63,25 @@ def _top(raw: Path, n: int) -> list[tuple[str, float]]:
     return [(name, 100.0 * c / total) for name, c in own.most_common(n)] if total else []
 
 
+# Inclusive shares: a sample counts for a layer when any frame of its stack is in it.
+LAYERS = (("serve_app (ours)", "serve_app/"), ("dspy", "dspy/"), ("LM client (httpx/openai/litellm)", "httpx/"),
+          ("Serve", "ray/serve/"), ("Ray core", "ray/_private/"))
+
+
+def _layers(raw: Path) -> list[tuple[str, float]]:
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        total += int(count)
+        for name, marker in LAYERS:
+            if marker in stack:
+                counts[name] += int(count)
+    return [(name, 100.0 * counts[name] / total) for name, _ in LAYERS] if total else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -114,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         f"--seconds {args.seconds:g}`",
         f"- Date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; {os.cpu_count()} CPUs; LM simulator 50 ms",
         f"- Load: closed loop, c={args.concurrency}, {args.kind} inputs: {rps:.1f} req/s, "
-        f"p50 {result.get('p50_ms')} ms, p99 {result.get('p99_ms')} ms, errors {result.get('errors')}",
+        f"p50 {(result.get('latency_ms') or {}).get('p50')} ms, p99 {(result.get('latency_ms') or {}).get('p99')} ms, "
+        f"errors {result.get('errors')}",
         "",
         "| process | CPU ms per request | share of the four |",
         "|---|---:|---:|",
@@ -129,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         raw = out / f"profile_{role}.txt"
         if not raw.exists():
             continue
-        lines += [f"## {role}: top functions by on-CPU samples (self)", "", "| function | % of samples |", "|---|---:|"]
+        lines += [f"## {role}", "", "| layer (inclusive: any frame in it) | % of samples |", "|---|---:|"]
+        lines += [f"| {name} | {share:.1f} |" for name, share in _layers(raw)]
+        lines += ["", "| top functions (self) | % of samples |", "|---|---:|"]
         lines += [f"| `{name}` | {share:.1f} |" for name, share in _top(raw, args.top)]
         lines.append("")
     (out / "profile.md").write_text("\n".join(lines))
