@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +50,21 @@ def _replica_pids() -> dict[str, int]:
     return out
 
 
-def _top(raw: Path, n: int) -> list[tuple[str, float]]:
-    """Top ``n`` functions by on-CPU samples (self time) in a py-spy raw (collapsed) file."""
-    own: Counter[str] = Counter()
-    total = 0
+def _samples(raw: Path) -> Iterator[tuple[list[str], int]]:
+    """``(frames, count)`` per line of a py-spy raw (collapsed) file."""
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        frames = stack.split(";")
-        total += int(count)
-        own[frames[-1].split(" (")[0] + " (" + frames[-1].split(" (")[-1] if " (" in frames[-1] else frames[-1]] += int(count)
+        if count.isdigit():
+            yield stack.split(";"), int(count)
+
+
+def _top(raw: Path, n: int) -> list[tuple[str, float]]:
+    """Top ``n`` functions by samples where they are the leaf (self time)."""
+    own: Counter[str] = Counter()
+    total = 0
+    for frames, count in _samples(raw):
+        total += count
+        own[frames[-1]] += count
     return [(name, 100.0 * c / total) for name, c in own.most_common(n)] if total else []
 
 
@@ -71,14 +76,12 @@ LAYERS = (("serve_app (ours)", "serve_app/"), ("dspy", "dspy/"), ("LM client (ht
 def _layers(raw: Path) -> list[tuple[str, float]]:
     counts: Counter[str] = Counter()
     total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        total += int(count)
+    for frames, count in _samples(raw):
+        total += count
+        stack = ";".join(frames)
         for name, marker in LAYERS:
             if marker in stack:
-                counts[name] += int(count)
+                counts[name] += count
     return [(name, 100.0 * counts[name] / total) for name, _ in LAYERS] if total else []
 
 

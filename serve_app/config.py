@@ -29,6 +29,7 @@ from .config_base import (
     LMConfig,
     Name,
     _carries_credentials,
+    duplicates,
     resolve_path,
 )
 from .policy_config import (
@@ -132,8 +133,7 @@ class ModelConfig(Frozen):
         for lm in [self.lm] + [v.lm for v in self.variants if v.lm is not None]:
             if lm.timeout_s >= self.timeout_s:
                 raise ValueError(f"lm.timeout_s ({lm.timeout_s}) must be below timeout_s ({self.timeout_s})")
-        names = [v.name for v in self.variants]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = duplicates([v.name for v in self.variants])
         if dupes:
             raise ValueError(f"variants: duplicate name(s) {dupes}")
         if self.variants and not any(v.weight > 0 for v in self.variants):
@@ -235,8 +235,7 @@ class AppArgs(Frozen):
 
     @model_validator(mode="after")
     def _checks(self) -> "AppArgs":
-        names = [m.name for m in self.models]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = duplicates([m.name for m in self.models])
         if dupes:
             raise ValueError(f"models: duplicate name(s) {dupes}")
         by_name = {m.name: m for m in self.models}
@@ -254,7 +253,7 @@ class AppArgs(Frozen):
                     f"limits.request_timeout_s ({self.limits.request_timeout_s})"
                 )
         deployments = [v.deployment for m in self.models for v in m.served_variants()]
-        clash = sorted({d for d in deployments if deployments.count(d) > 1} | (set(deployments) & RESERVED_DEPLOYMENT_NAMES))
+        clash = sorted(set(duplicates(deployments)) | (set(deployments) & RESERVED_DEPLOYMENT_NAMES))
         if clash:
             raise ValueError(f"models: deployment name(s) {clash} used twice")
         for key in self.policy.auth.keys:

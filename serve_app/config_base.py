@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["Frozen", "LMConfig", "Name", "PROJECT_ROOT", "resolve_path", "RESERVED_DEPLOYMENT_NAMES"]
+__all__ = ["Frozen", "LMConfig", "Name", "PROJECT_ROOT", "resolve_path", "RESERVED_DEPLOYMENT_NAMES", "duplicates"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESERVED_DEPLOYMENT_NAMES = frozenset({"Router", "Cache", "LMSimulator"})
@@ -24,6 +24,12 @@ def _check_name(v: str) -> str:
     if not _NAME_RE.match(v):
         raise ValueError("must match ^[a-z][a-z0-9_-]{0,62}$")
     return v
+
+
+def duplicates(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted (for "duplicate name(s) [...]" errors)."""
+    seen: set[str] = set()
+    return sorted({n for n in names if n in seen or seen.add(n)})
 
 
 # A name that becomes part of deployment names, metric labels and Redis keys.

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .config import ApiKeyConfig, AuthConfig, BudgetConfig, RateLimitConfig, resolve_path
+from .config_base import duplicates
 from .errors import Forbidden, Unauthorized
 
 __all__ = ["KeyRing", "Principal", "hash_key", "KeyConfigError"]
@@ -94,8 +95,7 @@ class KeyRing:
                 unknown = sorted(set(cfg.models) - set(models) - {"*"})
                 if unknown:
                     raise KeyConfigError(f"api key '{cfg.id}': models: no model named {unknown}")
-        ids = [c.id for c in configs]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = duplicates([c.id for c in configs])
         if dupes:
             raise KeyConfigError(f"api keys: duplicate id(s) {dupes}")
         entries: list[tuple[str, ApiKeyConfig]] = []

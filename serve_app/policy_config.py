@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config_base import Frozen, LMConfig, Name
+from .config_base import Frozen, LMConfig, Name, duplicates
 
 __all__ = [
     "VariantConfig",
@@ -118,8 +118,7 @@ class AuthConfig(Frozen):
 
     @model_validator(mode="after")
     def _unique(self) -> "AuthConfig":
-        ids = [k.id for k in self.keys]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = duplicates([k.id for k in self.keys])
         if dupes:
             raise ValueError(f"auth.keys: duplicate id(s) {dupes}")
         if self.enabled and not self.keys and self.keys_file is None:
