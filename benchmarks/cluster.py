@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import yaml
@@ -96,7 +96,28 @@ def _stop_proc(proc: subprocess.Popen[Any] | None, timeout_s: float = 10.0) -> N
         proc.wait(timeout_s)
 
 
-class RedisServer:
+class _Managed:
+    """``with X() as x``: ``start()`` on entry (``stop()`` if starting fails half-way, so no
+    process is left behind), ``stop()`` on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class RedisServer(_Managed):
     """A throwaway redis-server on a free loopback port (no persistence)."""
 
     def __init__(self) -> None:
@@ -147,14 +168,8 @@ class RedisServer:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def __enter__(self) -> "RedisServer":
-        return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-class LMSimProcess:
+class LMSimProcess(_Managed):
     """The LM simulator as its own process (``python -m serve_app.lmsim``)."""
 
     def __init__(self, latency_ms: float = 50.0, jitter_ms: float = 0.0, python: str | None = None) -> None:
@@ -199,12 +214,6 @@ class LMSimProcess:
         self.proc = None
         self.http.close()
 
-    def __enter__(self) -> "LMSimProcess":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
 
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
@@ -220,7 +229,7 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-class PeerServer:
+class PeerServer(_Managed):
     """The peer baseline: ``uvicorn benchmarks.peer_app:app --workers N`` in its own process
     (no access log, warning-level logs), LM at ``api_base``. ``pids()`` are the uvicorn
     processes (the master and, with N > 1, its workers)."""
@@ -273,18 +282,8 @@ class PeerServer:
                 pass
         self.proc = None
 
-    def __enter__(self) -> "PeerServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-class RayServe:
+class RayServe(_Managed):
     """A local Ray cluster started by THIS process (``ray.init(address="local")``) with
     Serve's HTTP proxy on a free loopback port; ``stop()`` is ``serve.shutdown()`` then
     ``ray.shutdown()``, which ends only this cluster."""
@@ -407,17 +406,6 @@ class RayServe:
             for d in (self.temp_dir, self.config_dir):
                 if d is not None:
                     shutil.rmtree(d, ignore_errors=True)
-
-    def __enter__(self) -> "RayServe":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
 
 # ---- generated serve configs -------------------------------------------------------------
 

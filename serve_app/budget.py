@@ -25,7 +25,7 @@ import calendar
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .config import BudgetConfig
@@ -63,6 +63,7 @@ class Reservation:
     scopes: list[BudgetScope]
     amount: float
     local: bool
+    ttl_s: float  # of the window's keys, fixed at reservation: settling keeps the same window
     done: bool = False
 
 
@@ -72,7 +73,7 @@ class _Seen:
     local: float = 0.0  # committed here since then (Redis unreachable)
     pending_committed: float = 0.0  # what Redis missed while unreachable, pushed later
     pending_spent: float = 0.0
-    soft_logged: set[str] = field(default_factory=set)
+    soft_logged: bool = False  # one log line per window (the key names the window)
 
 
 class BudgetBook:
@@ -100,10 +101,11 @@ class BudgetBook:
             return None
         keyed = [self._key(s) for s in scopes]
         keys = [k for k, _, _ in keyed]
-        await self._flush_pending(keys, max(t for _, _, t in keyed))
+        ttl = max(t for _, _, t in keyed)
+        await self._flush_pending(keys, ttl)
         hards = [s.config.hard_usd if s.config.hard_usd is not None else -1 for s in scopes]
         reply = await self._store.run(
-            "budget_reserve", keys, [repr(estimate_usd), int(max(t for _, _, t in keyed))] + [repr(h) for h in hards]
+            "budget_reserve", keys, [repr(estimate_usd), int(ttl)] + [repr(h) for h in hards]
         )
         if reply is not None and len(reply) == 1 + len(keys):
             committed = [float(c) for c in reply[1:]]
@@ -111,7 +113,7 @@ class BudgetBook:
                 seen = self._seen.setdefault(k, _Seen())
                 seen.committed, seen.local = c, 0.0
             if int(reply[0]) == 1:
-                return Reservation(keys, list(scopes), estimate_usd, local=False)
+                return Reservation(keys, list(scopes), estimate_usd, local=False, ttl_s=ttl)
             self._refuse(scopes, keyed, committed, estimate_usd)
         # Redis unreachable: spend this replica's share of what was left.
         share = self._store.live_replicas()
@@ -124,7 +126,7 @@ class BudgetBook:
         for k in keys:
             self._seen[k].local += estimate_usd
         self._counters.inc("budget_checks", scope="local")
-        return Reservation(keys, list(scopes), estimate_usd, local=True)
+        return Reservation(keys, list(scopes), estimate_usd, local=True, ttl_s=ttl)
 
     def _refuse(self, scopes: Sequence[BudgetScope], keyed: Sequence[tuple[str, float, float]],
                 committed: Sequence[float], estimate: float) -> None:
@@ -144,7 +146,7 @@ class BudgetBook:
             return
         reservation.done = True
         delta = cost_usd - reservation.amount
-        ttl = max(self._key(s)[2] for s in reservation.scopes)
+        ttl = reservation.ttl_s
         reply = None
         if not reservation.local:
             reply = await self._store.run("budget_settle", reservation.keys, [repr(delta), repr(cost_usd), int(ttl)])
@@ -192,8 +194,8 @@ class BudgetBook:
             self._counters.set_gauge("budget_soft_limit_ratio", cfg.soft_usd / limit, **labels)
         if cfg.soft_usd is not None and spent >= cfg.soft_usd:
             seen = self._seen.setdefault(key, _Seen())
-            if key not in seen.soft_logged:
-                seen.soft_logged.add(key)
+            if not seen.soft_logged:
+                seen.soft_logged = True
                 self._counters.inc("budget_soft_exceeded", **labels)
                 logger.warning("budget soft limit reached: %s spent %.4f of soft %.4f USD this %s",
                                scope.name, spent, cfg.soft_usd, cfg.window)

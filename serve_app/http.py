@@ -135,7 +135,7 @@ class HttpApi:
             headers.update(getattr(request.state, "rate_headers", None) or getattr(exc, "rate_headers", None) or {})
             return JSONResponse(body, status_code=status, headers=headers)
 
-    async def _principal(self, request: Request) -> Principal:
+    def _principal(self, request: Request) -> Principal:
         return self.core.policy.keys.authenticate(request.headers)
 
     async def predict(self, request: Request) -> Response:
@@ -165,7 +165,7 @@ class HttpApi:
 
     async def models(self, request: Request) -> Response:
         async def handler(_: Request, __: str) -> Response:
-            principal = await self._principal(request)
+            principal = self._principal(request)
             models = [m for m in await self.core.models() if principal.may_call(m["name"])]
             return JSONResponse({"models": models})
 
@@ -173,14 +173,14 @@ class HttpApi:
 
     async def costs(self, request: Request) -> Response:
         async def handler(_: Request, __: str) -> Response:
-            (await self._principal(request)).require_admin()
+            self._principal(request).require_admin()
             return JSONResponse(await self.core.costs())
 
         return await self._guard(request, handler)
 
     async def config(self, request: Request) -> Response:
         async def handler(_: Request, __: str) -> Response:
-            (await self._principal(request)).require_admin()
+            self._principal(request).require_admin()
             return JSONResponse(self.core.args.public_view())
 
         return await self._guard(request, handler)

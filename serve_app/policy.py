@@ -24,7 +24,7 @@ from typing import Any
 
 from .budget import BudgetBook, BudgetScope, Reservation
 from .config import AppArgs, ModelConfig, RateLimitConfig, Variant
-from .keys import KeyRing, Principal
+from .keys import ANONYMOUS, KeyRing, Principal
 from .metrics import Counters
 from .policy_store import PolicyStore
 from .ratelimit import Decision, RateLimiter
@@ -105,12 +105,7 @@ class TrafficPolicy:
         self.budgets = BudgetBook(store, wall=wall, counters=self.counters)
         self.picker = VariantPicker(rand)
         self._max_cost: dict[str, float] = {}
-        self._bound: dict[str, float] = {}
-        for model in args.models:
-            for v in model.served_variants():
-                lm = model.for_variant(v.name).lm
-                prices = resolve_prices(lm)
-                self._bound[v.deployment] = prices.cost(_PROMPT_TOKENS_GUESS, lm.max_tokens) if prices else 0.0
+        self._bound: dict[str, float] = {}  # price bound of one call, per deployment, on first need
 
     # ---- admission -------------------------------------------------------------------
 
@@ -145,7 +140,24 @@ class TrafficPolicy:
         fixed = [s.config.reserve_usd for s in scopes if s.config.reserve_usd is not None]
         if fixed:
             return max(fixed)
-        return self._max_cost.get(deployment, self._bound.get(deployment, 0.0))
+        seen = self._max_cost.get(deployment)
+        return seen if seen is not None else self._price_bound(deployment)
+
+    def _price_bound(self, deployment: str) -> float:
+        """The price of one call with a 1,000-token prompt and ``max_tokens`` of output
+        (computed when a budget first needs it: apps without budgets never read the price
+        table)."""
+        bound = self._bound.get(deployment)
+        if bound is None:
+            bound = 0.0
+            for model in self.args.models:
+                for v in model.served_variants():
+                    if v.deployment == deployment:
+                        lm = model.for_variant(v.name).lm
+                        prices = resolve_prices(lm)
+                        bound = prices.cost(_PROMPT_TOKENS_GUESS, lm.max_tokens) if prices else 0.0
+            self._bound[deployment] = bound
+        return bound
 
     async def reserve(self, model: ModelConfig, variant: Variant, admission: Admission) -> Reservation | None:
         scopes = self.scopes(model, admission.principal)
@@ -167,11 +179,5 @@ class TrafficPolicy:
         await self.budgets.release(reservation)
 
 
-def open_door_admission() -> Admission:
-    """The admission of a request when no policy is attached (unit tests, internal calls)."""
-    from .keys import ANONYMOUS
-
-    return Admission(ANONYMOUS, "anonymous", None, RateLimitConfig(), None)
-
-
-OPEN_DOOR = open_door_admission()
+# The admission of a request when no policy is attached (unit tests, internal calls).
+OPEN_DOOR = Admission(ANONYMOUS, "anonymous", None, RateLimitConfig(), None)

@@ -46,6 +46,7 @@ from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
 from .schemas import CacheStatus, PredictRequest
 from .logs import log_prediction
 from .singleflight import SingleFlight
+from .usage_queue import UsageQueue
 
 __all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
 _FREE: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
@@ -121,9 +122,14 @@ class RouterCore:
         # the program version, so a swap never serves an old answer from here either.
         self._near = MemoryTier(args.cache.near_max_entries, args.cache.near_ttl_s, clock)
         self._background: set[asyncio.Task[Any]] = set()
-        self._usage_batch: list[dict[str, Any]] = []
-        self._usage_flusher: asyncio.Future[None] | None = None
-        self._usage_flush_s = usage_flush_s
+        # The cost book (in the Cache deployment) gets usage in batches, not a hop per miss.
+        self._usage = UsageQueue(cache, self.counters, flush_s=usage_flush_s, timeout_s=args.cache.hop_timeout_s)
+        # Derived once from the frozen config (not per request): the models whose every
+        # variant has a predictor, and each deployment's LM settings that enter cache keys.
+        self._servable = {m.name: m for m in args.models
+                          if all(v.deployment in self._predictors for v in m.served_variants())}
+        self._lm_identity = {v.deployment: m.for_variant(v.name).lm.cache_identity()
+                             for m in args.models for v in m.served_variants()}
 
     # ---- model directory (serve_app.directory) ---------------------------------------
 
@@ -140,14 +146,14 @@ class RouterCore:
     # ---- predictions -----------------------------------------------------------------
 
     def _model(self, name: str) -> ModelConfig:
-        model = self.args.model(name)
-        if model is None or any(v.deployment not in self._predictors for v in model.served_variants()):
+        model = self._servable.get(name)
+        if model is None:
             raise UnknownModel(f"unknown model '{name}'")
         return model
 
     def _key(self, model: ModelConfig, variant: Variant, version: str, inputs: Mapping[str, Any]) -> str:
-        lm = model.for_variant(variant.name).lm
-        return cache_key(self.args.cache.key_prefix, model.name, variant.name, version, lm.cache_identity(), inputs)
+        return cache_key(self.args.cache.key_prefix, model.name, variant.name, version,
+                         self._lm_identity[variant.deployment], inputs)
 
     async def predict(self, request: PredictRequest, request_id: str, admission: Admission = OPEN_DOOR) -> PredictOutcome:
         """Answer one prediction and account for it (metrics, log line), whatever happens."""
@@ -333,7 +339,8 @@ class RouterCore:
             # The predictor was reconfigured: learn the new version now, not at next refresh.
             self._spawn(self.directory.refresh_quietly(variant.deployment))
         usage = dict(payload["usage"])
-        self._book_usage(model.name, variant.name, usage, admission)
+        self._usage.add(model.name, variant.name, usage,
+                        admission.principal.id if admission.principal.authenticated else None)
         self._spawn(self.policy.settle(reservation, variant, usage, admission))
         return payload
 
@@ -359,31 +366,9 @@ class RouterCore:
         except Exception:  # noqa: BLE001 - a failed write is only a future miss
             self.counters.inc("cache_client_errors", op="set")
 
-    def _book_usage(self, model: str, variant: str, usage: dict[str, Any], admission: Admission) -> None:
-        """Queue one LM call's usage for the cost book; the queue is sent as ONE call to the
-        Cache deployment every ``usage_flush_s`` (a hop per prediction cost as much CPU as the
-        rest of the miss path)."""
-        if self._ledger is None:
-            return
-        key_id = admission.principal.id if admission.principal.authenticated else None
-        self._usage_batch.append({"model": model, "variant": variant, "usage": usage, "key_id": key_id})
-        if self._usage_flusher is None or self._usage_flusher.done():
-            self._usage_flusher = asyncio.ensure_future(self._flush_usage_later())
-
-    async def _flush_usage_later(self) -> None:
-        await asyncio.sleep(self._usage_flush_s)
-        await self.flush_usage()
-
     async def flush_usage(self) -> None:
-        """Send the queued usage records now (never raises; a failed batch is counted)."""
-        batch, self._usage_batch = self._usage_batch, []
-        if not batch or self._ledger is None:
-            return
-        try:
-            async with asyncio.timeout(self.args.cache.hop_timeout_s):
-                await self._ledger.record_usage_many(batch)
-        except Exception:  # noqa: BLE001 - an unbooked cost is counted, never a failure
-            self.counters.inc("cost_book_errors", float(len(batch)))
+        """Send the queued usage records to the cost book now (graceful shutdown)."""
+        await self._usage.flush()
 
     async def costs(self) -> dict[str, Any]:
         """``GET /costs``: the cost book's report (cluster-wide with Redis)."""
@@ -401,7 +386,7 @@ class RouterCore:
         """Wait for background writes and refreshes, then send queued usage (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
-        await self.flush_usage()
+        await self._usage.flush()
 
     # ---- other endpoints -------------------------------------------------------------
 

@@ -287,6 +287,31 @@ def serve_config(*apps: dict[str, Any]) -> dict[str, Any]:
     return {"applications": list(apps)}
 
 
+def session_log_lines() -> list[str]:
+    """Every line of every log file of this process's Ray session (replicas, proxy, ...).
+    Needs the session's ``ray.init`` (the ``cluster`` fixture) in this process."""
+    import glob
+
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    lines: list[str] = []
+    for path in glob.glob(f"{session}/logs/**/*", recursive=True):
+        try:
+            with open(path, errors="replace") as f:
+                lines.extend(f.read().splitlines())
+        except (IsADirectoryError, PermissionError, OSError):
+            continue
+    return lines
+
+
+def wait_until_logged(request_id: str, timeout_s: float = 15) -> None:
+    """Wait until the router's prediction line for ``request_id`` is in the log files: the
+    replicas have flushed everything logged before it."""
+    wait_for(lambda: any(request_id in line and "prediction" in line for line in session_log_lines()),
+             timeout_s, f"the log line of request {request_id}", interval_s=0.2)
+
+
 def body_of(response: httpx.Response) -> dict[str, Any]:
     try:
         return response.json()

@@ -8,7 +8,6 @@ sum of the responses' ``X-Cost-USD``, and the canary must appear in no log line,
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import time
@@ -19,7 +18,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import CANARY, CANARY_ENV, LMSim, ServeCluster, dspy_app, serve_config, sim_model, wait_for
+from .harness import (
+    CANARY,
+    CANARY_ENV,
+    LMSim,
+    ServeCluster,
+    dspy_app,
+    serve_config,
+    session_log_lines,
+    sim_model,
+    wait_for,
+    wait_until_logged,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -148,17 +158,7 @@ def test_every_family_moves_by_exactly_what_was_sent(deployed: ServeCluster, htt
 
 
 def _log_lines(cluster: ServeCluster) -> list[str]:
-    import ray
-
-    session = ray._private.worker._global_node.get_session_dir_path()
-    lines: list[str] = []
-    for path in glob.glob(f"{session}/logs/**/*", recursive=True):
-        try:
-            with open(path, errors="replace") as f:
-                lines.extend(f.read().splitlines())
-        except (IsADirectoryError, PermissionError, OSError):
-            continue
-    return lines
+    return session_log_lines()
 
 
 def test_json_log_line_per_prediction_and_no_secret_anywhere(deployed: ServeCluster, http: httpx.Client,
@@ -189,6 +189,6 @@ def test_json_log_line_per_prediction_and_no_secret_anywhere(deployed: ServeClus
         assert CANARY not in resp.text
         assert all(CANARY not in v for v in resp.headers.values())
     assert http.get("/obs/config").json()["models"][0]["lm"]["api_key_env"] == CANARY_ENV
-    time.sleep(1.0)  # let the replicas flush their log files
+    wait_until_logged(bad.headers["X-Request-ID"])  # the replicas flushed what came before
     leaks = [line[:200] for line in _log_lines(deployed) if CANARY in line]
     assert leaks == [], f"canary key in {len(leaks)} log lines, e.g. {leaks[:3]}"

@@ -539,3 +539,23 @@ async def test_cost_book_records_a_batch_in_one_store_round_trip() -> None:
     assert len(store.calls) == 1
     fields = next(iter(store.calls[0].values()))
     assert fields["qa|a|requests"] == 3 and fields["qa|a|cost_usd"] == 1.5 and fields["@key|k|input_tokens"] == 30
+
+
+async def test_a_failed_usage_batch_is_counted_by_records_and_not_resent() -> None:
+    from serve_app.usage_queue import UsageQueue
+
+    class Broken:
+        calls = 0
+
+        async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
+            Broken.calls += 1
+            raise ConnectionError("cache replica gone")
+
+    counters = Counters()
+    queue = UsageQueue(Broken(), counters, flush_s=3600, timeout_s=1.0)
+    queue.add("qa", "default", {"input_tokens": 1}, None)
+    queue.add("qa", "default", {"input_tokens": 2}, "k")
+    await queue.flush()
+    await queue.flush()  # nothing left: the failed batch is not sent twice
+    assert Broken.calls == 1
+    assert counters.get("cost_book_errors") == 2
