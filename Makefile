@@ -5,6 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= serve_config.yaml
 RAY_HEAD_ARGS ?= --head --num-cpus 2 --dashboard-host 127.0.0.1 --dashboard-port 8265 --metrics-export-port 8080 --disable-usage-stats
+# Serve's serving mode for `make run` (serve_app/serve_mode.py): fast = throughput-optimized with
+# HAProxy (shipped); proxy = Serve's Python proxy. Read when Ray starts: `make stop` first to switch.
+SERVE_MODE ?= fast
+SERVE_ENV_fast := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+SERVE_ENV_proxy :=
 export RAY_USAGE_STATS_ENABLED := 0
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
@@ -44,7 +49,8 @@ promtool:
 ## make run: install, start a local Ray head (dashboard :8265, metrics :8080), deploy CONFIG,
 ## wait until ready and show one prediction per model. Offline: the LM simulator answers.
 run: install
-	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start $(RAY_HEAD_ARGS)
+	@case "$(SERVE_MODE)" in fast|proxy) ;; *) echo "SERVE_MODE must be fast or proxy, not '$(SERVE_MODE)'" >&2; exit 2;; esac
+	@$(BIN)/ray status >/dev/null 2>&1 || env $(SERVE_ENV_$(SERVE_MODE)) $(BIN)/ray start $(RAY_HEAD_ARGS)
 	$(BIN)/serve deploy $(CONFIG)
 	$(BIN)/python -m serve_app.cli wait-ready --timeout-s 300
 	$(BIN)/python -m serve_app.cli demo

@@ -10,10 +10,10 @@ generated config (:func:`dspy_app`, :func:`sim_model`, :func:`serve_config`), an
 replica gets ``ray_actor_options: {num_cpus: 0}`` so the app fits any core count.
 
 ``PeerServer`` is the peer baseline (``benchmarks/peer_app.py`` on uvicorn, N workers).
-``RayServe(extra_env=...)`` sets more environment variables for the Ray processes (e.g.
-``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``): Serve's proxy and controller read such variables at
-process start, so they are put in this process's environment before ``ray.init`` and every
-Ray process inherits them. ``RayServe.server_pids`` are the processes ``ray.init`` started
+``RayServe(mode=...)`` picks Serve's serving mode (``serve_app/serve_mode.py``: ``fast``, the
+shipped one, by default; ``proxy`` for Serve's Python proxy) and ``extra_env`` sets more
+variables: Serve's proxy and controller read them at process start, so they are put in this
+process's environment before ``ray.init`` and every Ray process inherits them. ``RayServe.server_pids`` are the processes ``ray.init`` started
 (GCS, raylet, dashboard, ...; the workers are their descendants): the roots for
 ``procstat.CpuMeter``.
 
@@ -36,6 +36,8 @@ from typing import Any, Self
 
 import httpx
 import yaml
+
+from serve_app.serve_mode import MODES, isolated_fast_env, mode_env
 
 __all__ = [
     "REPO",
@@ -289,7 +291,10 @@ class RayServe(_Managed):
     ``ray.shutdown()``, which ends only this cluster."""
 
     def __init__(self, num_cpus: int = 2, request_timeout_s: float | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None, mode: str = "fast") -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown serve mode {mode!r}: use one of {', '.join(sorted(MODES))}")
+        self.mode = mode
         self.num_cpus = num_cpus
         self.request_timeout_s = request_timeout_s
         self.extra_env = dict(extra_env or {})
@@ -311,6 +316,9 @@ class RayServe(_Managed):
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> "RayServe":
+        mode_vars = isolated_fast_env(os.environ, free_port) if self.mode == "fast" else mode_env(self.mode, os.environ)
+        os.environ.clear()
+        os.environ.update(mode_vars)
         os.environ.update(RAY_ENV)
         # Read by Serve's proxy/controller at process start: must be inherited, not a runtime_env.
         os.environ.update(self.extra_env)

@@ -31,8 +31,7 @@ uvicorn processes), excluding the simulator and the load generator (reported apa
 
     python -m benchmarks.perf_bench --out benchmarks/results            # full (~15-20 min)
     python -m benchmarks.perf_bench --quick --out /tmp/perf_quick       # smoke (~4 min)
-    python -m benchmarks.perf_bench --ray-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \\
-        --out benchmarks/results/throughput_optimized
+    python -m benchmarks.perf_bench --serve-mode proxy --out /tmp/perf_proxy   # ours on Serve's Python proxy
 
 Writes ``perf.json``, ``perf.md``, ``miss_sweep.png`` and ``autoscale.png`` under ``--out``.
 """
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from serve_app.serve_mode import MODES
 
 from .cluster import LMSimProcess, PeerServer, RayServe, dspy_app, serve_config, sim_model
 from .loadgen import LoadSpec, run_load
@@ -111,6 +112,7 @@ class Cfg:
     timeout_s: float
     client: str
     ray_env: dict[str, str]
+    serve_mode: str
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
@@ -136,8 +138,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
     p.add_argument("--sim-latency-ms", type=float, default=50.0)
     p.add_argument("--client", choices=("aiohttp", "httpx"), default="aiohttp")
     p.add_argument("--timeout-s", type=float, default=30.0, help="per request")
+    p.add_argument("--serve-mode", choices=("fast", "proxy"), default="fast",
+                   help="Serve's serving mode for ours (serve_app/serve_mode.py): fast = throughput-optimized "
+                        "+ HAProxy, the shipped one (default); proxy = Serve's Python proxy")
     p.add_argument("--ray-env", action="append", default=[], metavar="K=V",
-                   help="env var for every Ray process (set before ray.init), e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+                   help="one more env var for every Ray process (set before ray.init), e.g. RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1")
     a = p.parse_args(argv)
     q = a.quick
     if a.scenarios is None:
@@ -171,7 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
         autoscale_rate=a.autoscale_rate, autoscale_steps_s=[6, 20, 20] if q else [20, 40, 40],
         coldstart_wait_s=30.0 if q else 60.0, idle_s=2.0 if q else 5.0,
         sim_latency_ms=a.sim_latency_ms, fixed_inputs=16, max_inflight=512, timeout_s=a.timeout_s,
-        client=a.client, ray_env=ray_env,
+        client=a.client, ray_env=ray_env, serve_mode=a.serve_mode,
     )
     return a, cfg
 
@@ -683,7 +688,7 @@ def run_ours(ctx: Ctx) -> dict[str, Any]:
     cfg = ctx.cfg
     out: dict[str, Any] = {}
     t = time.monotonic()
-    with RayServe(request_timeout_s=40, extra_env=cfg.ray_env) as rs:
+    with RayServe(request_timeout_s=40, extra_env=cfg.ray_env, mode=cfg.serve_mode) as rs:
         sim_pid = ctx.sim.proc.pid if ctx.sim.proc else -1
         meter = CpuMeter(rs.server_pids, exclude={sim_pid})
         system = System("ours", "ours", rs.base_url, meter, rs)
@@ -935,7 +940,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     h = cfg.high
     hdr = result["header"]
     lines = [header_markdown('Performance benchmark (issue "Performance"): ours vs the FastAPI peer', hdr)]
-    lines.append(f"- Ray environment: {', '.join(f'`{k}={v}`' for k, v in cfg.ray_env.items()) or 'default (none added)'}")
+    lines.append(f"- Serve mode: `{cfg.serve_mode}` ({', '.join(f'`{k}={v}`' for k, v in MODES[cfg.serve_mode].items()) or 'Serve defaults'}); "
+                 f"more Ray environment: {', '.join(f'`{k}={v}`' for k, v in cfg.ray_env.items()) or 'none'}")
     lines += [
         "",
         "Setup: everything on this machine, on loopback. **Ours**: local Ray Serve, app Router → Cache → `qa` "
@@ -1195,11 +1201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = Progress("perf_bench")
     header = run_header(argv, MODULE)
     header["ray_env"] = cfg.ray_env
+    header["serve_mode"] = {"mode": cfg.serve_mode, "env": dict(MODES[cfg.serve_mode])}
     t_start = time.monotonic()
     out_dir = Path(args.out)
     systems: dict[str, Any] = {}
     previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
-    log(f"scenarios {cfg.scenarios}, peers {cfg.peers}, Ray env {cfg.ray_env or 'default'}; out {out_dir}")
+    log(f"scenarios {cfg.scenarios}, peers {cfg.peers}, serve mode {cfg.serve_mode}, more Ray env {cfg.ray_env or 'none'}; out {out_dir}")
     try:
         with LMSimProcess(cfg.sim_latency_ms, 0.0) as sim:
             for name, lat in SIM_MODELS.items():

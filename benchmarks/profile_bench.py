@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--kind", choices=("unique", "fixed"), default="unique")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--serve-mode", choices=("fast", "proxy"), default="fast",
+                   help="Serve's serving mode (serve_app/serve_mode.py); fast has no Python proxy to sample")
     args = p.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with LMSimProcess(latency_ms=50) as sim, RayServe(request_timeout_s=40) as rs:
+    with LMSimProcess(latency_ms=50) as sim, RayServe(request_timeout_s=40, mode=args.serve_mode) as rs:
         rs.deploy(serve_config(main_app(sim.api_base)), name="profile")
         rs.wait_ready("/")
         pids = _replica_pids()

@@ -246,6 +246,15 @@ def by_role(placement: dict[str, list[tuple[str, str]]], roles: dict[str, str]) 
 
 
 def run(args: argparse.Namespace) -> Report:
+    # Serve's Python proxy, not the shipped HAProxy mode: HAProxy binds http_options.port (and
+    # its fixed metrics/stats ports) on every node, so on ONE machine the nodes' HAProxies
+    # would collide, while the Python proxy reads a per-node port (see the module docstring).
+    # On Kubernetes each pod has its own ports and the shipped mode applies.
+    from serve_app.serve_mode import mode_env
+
+    proxy_env = mode_env("proxy", os.environ)
+    os.environ.clear()
+    os.environ.update(proxy_env)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -33,7 +33,7 @@ from .policy_store import PolicyStore
 from .redis_tier import redis_from_url
 from .errors import Overloaded
 from .http import build_http_app
-from .logs import install_secret_mask
+from .logs import setup_replica_logging
 from .lmsim import Knobs, SimCore, build_sim_app
 from .predictor import ModelInfoPayload, PredictionPayload, PredictorCore
 from .router import RouterCore
@@ -46,7 +46,8 @@ class Cache:
     """The prediction cache and the cost book (both share its Redis tier)."""
 
     def __init__(self, config: CacheConfig) -> None:
-        install_secret_mask(_env_values([config.redis.url_env] if config.redis and config.redis.url_env else []))
+        self._log_flusher = setup_replica_logging(
+            _env_values([config.redis.url_env] if config.redis and config.redis.url_env else []))
         self.core = TieredCache.from_config(config, counters=Counters(sink=RaySink()))
         self.costs = CostBook(config.key_prefix, self.core.redis)
 
@@ -75,7 +76,7 @@ class Predictor:
     ``user_config`` is a ``ProgramRelease``."""
 
     def __init__(self, model: ModelConfig, variant: str = "default") -> None:
-        install_secret_mask(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
+        self._log_flusher = setup_replica_logging(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
         memoize_model_metadata()
         self.variant = variant
         self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
@@ -193,7 +194,7 @@ class Router:
     """The ingress. ``user_config`` is ``TrafficWeights``: variant weights, changed live."""
 
     async def __init__(self, args: AppArgs, cache: DeploymentHandle, predictors: dict[str, DeploymentHandle]) -> None:
-        install_secret_mask(_env_values(args.secret_env_names()))
+        self._log_flusher = setup_replica_logging(_env_values(args.secret_env_names()))
         counters = Counters(sink=RaySink())
         store = PolicyStore(
             _policy_redis(args),

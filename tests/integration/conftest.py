@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .harness import CANARY, CANARY_ENV, FAST_PATH_ENV, LMSim, RedisProcess, ServeCluster, free_port
+from serve_app.serve_mode import isolated_fast_env, mode_env
+
+from .harness import CANARY, CANARY_ENV, LMSim, RedisProcess, ServeCluster, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +29,14 @@ def cluster() -> Iterator[ServeCluster]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     os.environ[CANARY_ENV] = CANARY  # inherited by every Ray worker started below
-    # SERVE_APP_TEST_SERVE_MODE=fast runs the suite on Serve's throughput-optimized mode with
-    # HAProxy in front of direct-ingress router replicas (README, "Serving path"); the default
-    # is Serve's Python proxy, the mode the shipped configs use today.
-    if os.environ.get("SERVE_APP_TEST_SERVE_MODE", "default") == "fast":
-        os.environ.update(FAST_PATH_ENV)
+    # The suite runs on the serving mode serve_app ships (serve_app/serve_mode.py: Serve's
+    # throughput-optimized mode with HAProxy in front of direct-ingress router replicas);
+    # SERVE_APP_TEST_SERVE_MODE=proxy runs it on Serve's Python proxy instead. HAProxy's fixed
+    # side ports move to free ones, so a `make run` cluster on this machine is no obstacle.
+    mode = os.environ.get("SERVE_APP_TEST_SERVE_MODE", "fast")
+    env = isolated_fast_env(os.environ, free_port) if mode == "fast" else mode_env(mode, os.environ)
+    os.environ.clear()
+    os.environ.update(env)
     import ray
     from ray import serve
 

@@ -23,8 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 # a real one before `ray start`); tests assert it never shows up in a log, header or body.
 CANARY_ENV = "SERVE_APP_TEST_CANARY_KEY"
 CANARY = "sk-canary-0123456789abcdef"
-# Serve's fastest robust settings (the Makefile and the KubeRay manifests set the same).
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def free_port() -> int:

@@ -54,8 +54,10 @@ FAST_BREAKER: dict[str, float] = {
 }
 # Short LM timeouts, so a hung call ends (as a timeout) within about a second.
 QUICK = {"lm": {"timeout_s": 1.0}, "timeout_s": 2.0}
-# Room for the slow simulator latencies of S1 (1.5 s) and S3 (2 s).
+# Room for the slow simulator latency of S1 (1.5 s).
 SLOW = {"lm": {"timeout_s": 3.0}, "timeout_s": 4.0}
+# S3 holds its slots with a 4.5 s LM call while it measures the overflow.
+HOLD = {"lm": {"timeout_s": 6.0}, "timeout_s": 7.0}
 # Provider error texts the simulator sends; none may reach a client.
 PROVIDER_TEXTS = ("simulated", "rate limit reached", "rate_limit", "internal server error", "server_error")
 
@@ -67,7 +69,7 @@ def _config(sim: LMSim, *, steady_replicas: int = 2, steady_state: str | None = 
         sim_model("backup", sim.api_base, QA, **QUICK),
         sim_model("steady", sim.api_base, QA, **SLOW),
         sim_model("limited", sim.api_base, QA, breaker={"min_calls": MIN_CALLS}, **QUICK),
-        sim_model("tiny", sim.api_base, QA, **SLOW),
+        sim_model("tiny", sim.api_base, QA, **HOLD),
     ]
     steady: dict[str, Any] = {"name": "steady", "num_replicas": steady_replicas}
     if steady_state is not None:
@@ -437,34 +439,65 @@ def test_s1_replica_killed_with_requests_in_flight(app: ServeCluster, sim: LMSim
 
 
 def test_s3_overflow_gets_fast_503_overloaded(app: ServeCluster, sim: LMSim, http: httpx.Client) -> None:
-    sim.set_knobs(model="sim-tiny", latency_ms=2000)
+    """S3 in two parts. A burst of 30 at once against 2 ongoing + 2 queued slots: the overflow
+    is turned away with 503 ``overloaded`` + ``Retry-After`` and never waits for a slot. Then,
+    with the slots still full, 100 overflow requests paced 15 ms apart (latency from the
+    intended send time): the fast-503 promise, p99 < 100 ms. The burst's own rejection latency
+    is printed, not asserted: 30 arrivals at one instant queue for the 2 cores this suite runs
+    on, so it measures the machine's CPU, not back-pressure."""
+    lm_s = 4.5
+    sim.set_knobs(model="sim-tiny", latency_ms=int(lm_s * 1000))
+    Result = tuple[int, float, dict[str, Any], dict[str, str]]
 
-    async def burst(n: int) -> list[tuple[int, float, dict[str, Any], dict[str, str]]]:
+    async def run() -> tuple[list[Result], list[Result], float]:
         async with httpx.AsyncClient(base_url=app.base_url, timeout=30,
-                                     limits=httpx.Limits(max_connections=n)) as c:
-            async def one(i: int) -> tuple[int, float, dict[str, Any], dict[str, str]]:
-                t0 = time.monotonic()
+                                     limits=httpx.Limits(max_connections=40)) as c:
+            async def one(tag: str, send_at: float | None = None) -> Result:
+                if send_at is not None:
+                    await asyncio.sleep(max(0.0, send_at - time.monotonic()))
+                t0 = send_at if send_at is not None else time.monotonic()
                 r = await c.post(f"{PREFIX}/v1/predict",
-                                 json={"model": "tiny", "inputs": {"question": q(f"s3 {i}")}})
+                                 json={"model": "tiny", "inputs": {"question": q(tag)}})
                 return r.status_code, time.monotonic() - t0, body_of(r), dict(r.headers)
 
-            return list(await asyncio.gather(*[one(i) for i in range(n)]))
+            start = time.monotonic()
+            burst = [asyncio.create_task(one(f"s3 burst {i}")) for i in range(30)]
+            # Rejections come back at once; the admitted wait for the LM. Settled: nothing new
+            # finished for 0.5 s (bounded well inside the LM's latency).
+            done_count, last_change = 0, time.monotonic()
+            while time.monotonic() - start < lm_s / 2:
+                await asyncio.sleep(0.05)
+                now_done = sum(t.done() for t in burst)
+                if now_done != done_count:
+                    done_count, last_change = now_done, time.monotonic()
+                elif done_count >= 20 and time.monotonic() - last_change >= 0.5:
+                    break
+            t_probe = time.monotonic() + 0.05
+            probes = await asyncio.gather(*[one(f"s3 probe {i}", t_probe + i * 0.015) for i in range(100)])
+            probes_ended = time.monotonic() - start
+            return [await t for t in burst], list(probes), probes_ended
 
-    results = asyncio.run(burst(30))
-    ok = [r for r in results if r[0] == 200]
-    rejected = [r for r in results if r[0] == 503]
-    assert len(ok) + len(rejected) == len(results), sorted({(s, b.get("error", {}).get("code")) for s, _l, b, _h in results})
-    for _s, _lat, body, headers in rejected:
-        assert body["error"]["code"] == "overloaded", body
+    burst, probes, probes_ended = asyncio.run(run())
+    ok = [r for r in burst if r[0] == 200]
+    rejected = [r for r in burst if r[0] == 503]
+    assert len(ok) + len(rejected) == len(burst), sorted({(s, b.get("error", {}).get("code")) for s, _l, b, _h in burst})
+    for _s, _lat, body, headers in rejected + probes:
+        assert body.get("error", {}).get("code") == "overloaded", body
         assert int(headers["retry-after"]) >= 1
-    rejected_p99 = p99([lat for _s, lat, _b, _h in rejected]) if rejected else float("nan")
-    print(f"\nS3: {len(ok)} admitted (max ok latency {max((lat for _s, lat, _b, _h in ok), default=0):.2f}s), "
-          f"{len(rejected)} rejected, rejection p99 {rejected_p99 * 1000:.1f} ms")
+    burst_p99 = p99([lat for _s, lat, _b, _h in rejected]) if rejected else float("nan")
+    probe_p50 = sorted(lat for _s, lat, _b, _h in probes)[len(probes) // 2]
+    probe_p99 = p99([lat for _s, lat, _b, _h in probes])
+    print(f"\nS3: burst of {len(burst)}: {len(ok)} admitted (max ok latency "
+          f"{max((lat for _s, lat, _b, _h in ok), default=0):.2f}s), {len(rejected)} rejected, rejection "
+          f"p99 {burst_p99 * 1000:.1f} ms; {len(probes)} paced overflow requests: p50 "
+          f"{probe_p50 * 1000:.1f} ms, p99 {probe_p99 * 1000:.1f} ms (probes done {probes_ended:.1f}s in)")
     # 2 ongoing + 2 queued are admitted (a late arrival may find a freed slot on a busy
-    # machine); the rest, most of the burst, is turned away at once.
+    # machine); the rest, most of the burst, is turned away without waiting for a slot.
     assert len(ok) >= 2
     assert len(rejected) >= 20, len(rejected)
-    assert rejected_p99 < 1.0  # fast: far below the 2 s LM the admitted requests wait for
+    assert max(lat for _s, lat, _b, _h in rejected) < lm_s
+    assert probes_ended < lm_s, "the slots freed before the probes ended: the probe figure is not overflow"
+    assert probe_p99 < 0.1, f"overflow 503 p99 {probe_p99 * 1000:.1f} ms"
     assert sim.model_calls("sim-tiny") == len(ok)
     # Our own back-pressure is not the provider failing: the breaker did not count it.
     assert breaker_state(http, "tiny") == "CLOSED"

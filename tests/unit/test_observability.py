@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +15,7 @@ from serve_app.breaker import State
 from serve_app.config import LMConfig, ModelConfig
 from serve_app.costs import CostBook
 from serve_app.errors import UpstreamError
-from serve_app.logs import SecretMask, install_secret_mask, mask
+from serve_app.logs import LogFlusher, SecretMask, flush_buffered_logs, install_secret_mask, mask
 from serve_app.metrics import Counters
 from serve_app.predictor import PredictorCore
 from serve_app.usage import Prices, resolve_prices
@@ -254,3 +256,66 @@ def test_ray_sink_aggregates_counters_and_gauges_between_flushes() -> None:
     now[0] = 4000.0
     sink("counter", "predictions", labels, 1.0)
     assert fakes["predictions"].calls[-1] == ("inc", 2.0, labels)
+
+
+def _buffered(logger_name: str) -> tuple[logging.Logger, logging.handlers.MemoryHandler, list[str]]:
+    """A logger with Serve's throughput-optimized shape: a MemoryHandler of 1,000 records,
+    flushed only when full or on ERROR, in front of the handler that writes."""
+    written: list[str] = []
+
+    class Sink(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append(record.getMessage())
+
+    log = logging.getLogger(logger_name)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    memory = logging.handlers.MemoryHandler(capacity=1000, target=Sink(), flushLevel=logging.ERROR)
+    log.addHandler(memory)
+    return log, memory, written
+
+
+def test_flush_buffered_logs_writes_what_serve_buffered() -> None:
+    log, memory, written = _buffered("serve_app.test.flush")
+    try:
+        log.info("prediction one")
+        assert written == []  # buffered: this is what made a line late
+        assert flush_buffered_logs(["serve_app.test.flush"]) == 1
+        assert written == ["prediction one"]
+        assert flush_buffered_logs(["serve_app.test.no-handlers"]) == 0
+    finally:
+        log.removeHandler(memory)
+
+
+def test_log_flusher_bounds_how_late_a_line_is_and_flushes_on_stop() -> None:
+    log, memory, written = _buffered("serve_app.test.flusher")
+    flusher = LogFlusher(interval_s=0.05, names=["serve_app.test.flusher"])
+    try:
+        log.info("a")
+        deadline = time.monotonic() + 2
+        while not written and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert written == ["a"]
+        flusher.stop()
+        log.info("b")  # after stop: no thread flushes it any more
+        time.sleep(0.15)
+        assert written == ["a"]
+    finally:
+        flusher.stop()
+        log.removeHandler(memory)
+    with pytest.raises(ValueError):
+        LogFlusher(interval_s=0)
+
+
+def test_a_failing_buffered_handler_is_skipped_not_raised() -> None:
+    class Broken(logging.handlers.BufferingHandler):
+        def flush(self) -> None:
+            raise OSError("disk full")
+
+    log = logging.getLogger("serve_app.test.broken")
+    broken = Broken(10)
+    log.addHandler(broken)
+    try:
+        assert flush_buffered_logs(["serve_app.test.broken"]) == 0
+    finally:
+        log.removeHandler(broken)
