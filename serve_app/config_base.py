@@ -81,6 +81,13 @@ class LMConfig(Frozen):
         le=3,
         description="Retries inside dspy.LM. Default 0: Serve-level retry is our one layer.",
     )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Connections to the LM per predictor replica. DSPy's own pool stops at 100: calls past "
+        "it wait for a free connection, whatever max_ongoing_requests admits.",
+    )
     input_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
     output_usd_per_mtok: float | None = Field(default=None, ge=0, description="Price override; else litellm's table.")
 

@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 
 from .cache import CacheLookup, TieredCache
 from .costs import CostBook
-from .dspy_speedups import memoize_model_metadata
+from .dspy_speedups import memoize_model_metadata, size_connection_pool
 from .metrics import Counters, RaySink
 from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease, TrafficWeights
 from .keys import KeyRing
@@ -78,6 +78,7 @@ class Predictor:
     def __init__(self, model: ModelConfig, variant: str = "default") -> None:
         self._log_flusher = setup_replica_logging(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
         memoize_model_metadata()
+        size_connection_pool(model.lm.max_connections)
         self.variant = variant
         self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
 
