@@ -200,7 +200,7 @@ class Router:
         store = PolicyStore(
             _policy_redis(args),
             args.cache.key_prefix,
-            call_timeout_s=args.cache.timeout_s,
+            call_timeout_s=args.policy.store_timeout_s,
             counters=counters,
             min_replicas=args.policy.expected_router_replicas,
         )

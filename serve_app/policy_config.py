@@ -155,6 +155,13 @@ class PolicyConfig(Frozen):
                     "then allows limit / replicas; the live count seen in Redis is used when larger).",
     )
 
+    store_timeout_s: float = Field(
+        default=0.5, gt=0, le=5,
+        description="Deadline of one limit or budget call to Redis, after which the replica falls back "
+                    "to its local share. Longer than the cache's read deadline: a budget script whose "
+                    "reply is lost after Redis applied it is booked again from the local side.",
+    )
+
     @field_validator("session_header")
     @classmethod
     def _lower(cls, v: str) -> str:

@@ -266,3 +266,11 @@ def test_public_view_shows_variants_budget_and_http() -> None:
 def test_secret_env_names_include_key_envs_and_variant_lm_keys() -> None:
     names = policy_args().secret_env_names()
     assert set(names) == {"QA_LM_KEY", "B_LM_KEY", "SVC_API_KEY"}
+
+
+def test_policy_store_deadline_defaults_to_half_a_second_and_is_bounded() -> None:
+    assert PolicyConfig().store_timeout_s == 0.5
+    assert PolicyConfig.model_validate({"store_timeout_s": 0.2}).store_timeout_s == 0.2
+    for bad in (0, -1, 6):
+        with pytest.raises(ValidationError):
+            PolicyConfig.model_validate({"store_timeout_s": bad})
