@@ -37,7 +37,7 @@ from typing import Any, Self
 import httpx
 import yaml
 
-from serve_app.serve_mode import MODES, isolated_fast_env, mode_env
+from serve_app.serve_mode import MODES, isolated_env
 
 __all__ = [
     "REPO",
@@ -316,7 +316,7 @@ class RayServe(_Managed):
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> "RayServe":
-        mode_vars = isolated_fast_env(os.environ, free_port) if self.mode == "fast" else mode_env(self.mode, os.environ)
+        mode_vars = isolated_env(self.mode, os.environ, free_port)
         os.environ.clear()
         os.environ.update(mode_vars)
         os.environ.update(RAY_ENV)

@@ -84,7 +84,7 @@ def size_connection_pool(max_connections: int) -> bool:
     original = getattr(current, "__serve_app_original__", current)
 
     def _init_routing(self: Any, config: Any, model_type: Any) -> Any:
-        if (config is not None and dataclasses.is_dataclass(config)
+        if (dataclasses.is_dataclass(config) and not isinstance(config, type)
                 and getattr(config, "max_connections", 0) is None and getattr(config, "transport", 0) is None):
             config = dataclasses.replace(config, max_connections=max_connections)
         return original(self, config, model_type)

@@ -19,7 +19,7 @@ integration suite on it, and ``make run SERVE_MODE=proxy`` serves on it.
 
 HAProxy binds two more fixed ports on every node (metrics 9101, stats 8404): a second
 cluster on the same machine (tests and benchmarks beside ``make run``) must move them, which
-``isolated_fast_env`` does with free ports.
+``isolated_env`` does with free ports.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
-__all__ = ["FAST", "PROXY", "MODES", "mode_env", "isolated_fast_env"]
+__all__ = ["FAST", "PROXY", "MODES", "mode_env", "isolated_env"]
 
 FAST: Mapping[str, str] = MappingProxyType({
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -49,10 +49,12 @@ def mode_env(mode: str, base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def isolated_fast_env(base: Mapping[str, str], free_port: Callable[[], int]) -> dict[str, str]:
-    """``FAST`` with HAProxy's metrics and stats ports moved to free ones, for a cluster that
-    shares the machine with another (a test session, a benchmark)."""
-    env = mode_env("fast", base)
-    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
-    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+def isolated_env(mode: str, base: Mapping[str, str], free_port: Callable[[], int]) -> dict[str, str]:
+    """``mode_env(mode, base)`` for a cluster that shares the machine with another (a test
+    session, a benchmark): in the fast mode HAProxy's metrics and stats ports move to free
+    ones."""
+    env = mode_env(mode, base)
+    if mode == "fast":
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     return env

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.serve_mode import isolated_fast_env, mode_env
+from serve_app.serve_mode import isolated_env
 
 from .harness import CANARY, CANARY_ENV, LMSim, RedisProcess, ServeCluster, free_port
 
@@ -33,8 +33,7 @@ def cluster() -> Iterator[ServeCluster]:
     # throughput-optimized mode with HAProxy in front of direct-ingress router replicas);
     # SERVE_APP_TEST_SERVE_MODE=proxy runs it on Serve's Python proxy instead. HAProxy's fixed
     # side ports move to free ones, so a `make run` cluster on this machine is no obstacle.
-    mode = os.environ.get("SERVE_APP_TEST_SERVE_MODE", "fast")
-    env = isolated_fast_env(os.environ, free_port) if mode == "fast" else mode_env(mode, os.environ)
+    env = isolated_env(os.environ.get("SERVE_APP_TEST_SERVE_MODE", "fast"), os.environ, free_port)
     os.environ.clear()
     os.environ.update(env)
     import ray

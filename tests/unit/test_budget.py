@@ -204,17 +204,6 @@ async def test_all_or_nothing_over_scopes() -> None:
     assert len(await reserve_until_refused(book, [model], 0.5)) == 19
 
 
-async def test_local_refusal_names_the_exhausted_scope_and_its_window() -> None:
-    book = local_book()
-    model = scope("model:qa", window="day", hard_usd=100.0)
-    key = scope("key:k1", window="month", hard_usd=0.5)
-    await book.reserve([model, key], 0.5)
-    with pytest.raises(BudgetExceeded) as info:
-        await book.reserve([model, key], 0.5)
-    assert "key:k1" in info.value.message
-    assert info.value.retry_after_s == pytest.approx(window_bounds("month", NOW)[1])
-
-
 async def test_local_share_divides_by_replicas() -> None:
     book = local_book(min_replicas=2)
     assert len(await reserve_until_refused(book, [scope(hard_usd=1.0)], 0.125)) == 4
@@ -311,10 +300,11 @@ async def test_store_call_shapes() -> None:
     assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}
 
 
-async def test_store_refusal_names_the_exhausted_scope() -> None:
-    store = ScriptStore()
-    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
-    model = scope("model:qa", hard_usd=100.0)
+@pytest.mark.parametrize("where", ["local", "store"])
+async def test_refusal_names_the_exhausted_scope_and_its_window(where: str) -> None:
+    """Locally (Redis unreachable) and through the store's script alike."""
+    book = local_book() if where == "local" else BudgetBook(ScriptStore(), wall=FakeClock(NOW))  # type: ignore[arg-type]
+    model = scope("model:qa", window="day", hard_usd=100.0)
     key = scope("key:k1", window="month", hard_usd=0.5)
     await book.reserve([model, key], 0.5)
     with pytest.raises(BudgetExceeded) as info:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.serve_mode import FAST, MODES, PROXY, isolated_fast_env, mode_env
+from serve_app.serve_mode import FAST, MODES, PROXY, isolated_env, mode_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,11 +31,14 @@ def test_mode_env_sets_one_mode_and_removes_the_others_variables() -> None:
         mode_env("turbo", base)
 
 
-def test_isolated_fast_env_moves_haproxys_fixed_side_ports() -> None:
+def test_isolated_env_moves_haproxys_fixed_side_ports_in_the_fast_mode_only() -> None:
     ports = itertools.count(41000)
-    env = isolated_fast_env({"PATH": "/bin"}, lambda: next(ports))
+    env = isolated_env("fast", {"PATH": "/bin"}, lambda: next(ports))
     assert env == {"PATH": "/bin", **FAST, "RAY_SERVE_HAPROXY_METRICS_PORT": "41000",
                    "RAY_SERVE_HAPROXY_STATS_PORT": "41001"}
+    assert isolated_env("proxy", env, lambda: next(ports)) == {"PATH": "/bin"}
+    with pytest.raises(ValueError):
+        isolated_env("turbo", env, lambda: next(ports))
 
 
 def test_make_run_starts_ray_in_the_fast_mode_by_default() -> None:
