@@ -76,9 +76,12 @@ def prewarm(base_url: str, route_prefix: str, bodies: Iterable[bytes], until: tu
 
 def cache_ops(base_url: str, route_prefix: str) -> dict[str, float]:
     """The Cache deployment's own op counters (from the app's ``GET /ready``), flattened to
-    ``"tier/op/result" -> n``: what the cache did, whatever the router made of it."""
+    ``"tier/op/result" -> n``: what the cache did, whatever the router made of it; plus the
+    answering router replica's hops to it, ``"hops/<op>"`` calls carrying ``"hop_items/<op>"``
+    lookups or write-backs (batching)."""
     r = httpx.get(base_url + route_prefix.rstrip("/") + "/ready", timeout=10)
-    cache = (r.json() or {}).get("cache") or {}
+    detail = r.json() or {}
+    cache = detail.get("cache") or {}
     out: dict[str, float] = {}
     for item in cache.get("ops") or []:
         if item.get("name") != "cache_ops":
@@ -86,6 +89,10 @@ def cache_ops(base_url: str, route_prefix: str) -> dict[str, float]:
         lb = item.get("labels", {})
         key = f"{lb.get('tier')}/{lb.get('op')}/{lb.get('result')}"
         out[key] = out.get(key, 0) + item.get("value", 0)
+    for item in (detail.get("router") or {}).get("ops") or []:
+        if item.get("name") in ("cache_hops", "cache_hop_items"):
+            key = f"{item['name'].removeprefix('cache_')}/{item.get('labels', {}).get('op')}"
+            out[key] = out.get(key, 0) + item.get("value", 0)
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from .codec import SCHEMA_VERSION, cache_key, canonical_json, decode_envelope, decode_value, encode_value
@@ -159,6 +159,14 @@ class TieredCache:
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
         return True
+
+    async def get_many(self, keys: Sequence[str]) -> list[CacheLookup | None]:
+        """``get`` for each key, in order: memory answers at once, Redis lookups run together."""
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def set_many(self, items: Sequence[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
+        """``set`` for each ``(key, value, ttl_s)``, in order."""
+        return [await self.set(key, value, ttl_s) for key, value, ttl_s in items]
 
     async def drain(self) -> None:
         """Wait for background writes (tests and shutdown)."""

@@ -213,6 +213,20 @@ class CacheConfig(Frozen):
             "so it must sit well above timeout_s: under load a late hit beats a new LM call."
         ),
     )
+    hop_batch_max: int = Field(
+        default=64, ge=1, le=1024,
+        description=(
+            "Most lookups or write-backs one router call to the Cache deployment carries. "
+            "Lookups made in the same event-loop turn share a call; 1 turns batching off."
+        ),
+    )
+    write_batch_s: float = Field(
+        default=0.02, ge=0, le=1,
+        description=(
+            "How long the router gathers write-backs into one call to the Cache deployment. "
+            "Off the response path: the near cache has the answer at once."
+        ),
+    )
 
 
 class LimitsConfig(Frozen):
@@ -281,7 +295,8 @@ class AppArgs(Frozen):
         model_fields = ("name", "description", "program", "state", "allow_pickle", "timeout_s", "cache_ttl_s",
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
-                        "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s")
+                        "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s",
+                        "hop_batch_max", "write_batch_s")
         def lm_view(lm: LMConfig) -> dict[str, Any]:
             return {f: getattr(lm, f) for f in lm_fields}
 

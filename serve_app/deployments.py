@@ -51,11 +51,11 @@ class Cache:
         self.core = TieredCache.from_config(config, counters=Counters(sink=RaySink()))
         self.costs = CostBook(config.key_prefix, self.core.redis)
 
-    async def get(self, key: str) -> CacheLookup | None:
-        return await self.core.get(key)
+    async def get_many(self, keys: list[str]) -> list[CacheLookup | None]:
+        return await self.core.get_many(keys)
 
-    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None = None) -> bool:
-        return await self.core.set(key, value, ttl_s)
+    async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
+        return await self.core.set_many(items)
 
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
@@ -173,11 +173,11 @@ class HandleCache:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._h = handle
 
-    async def get(self, key: str) -> CacheLookup | None:
-        return await self._h.get.remote(key)
+    async def get_many(self, keys: list[str]) -> list[CacheLookup | None]:
+        return await self._h.get_many.remote(keys)
 
-    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool:
-        return await self._h.set.remote(key, value, ttl_s)
+    async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
+        return await self._h.set_many.remote(items)
 
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()

@@ -44,6 +44,10 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The flights running now (their write-backs included)."""
+        return list(self._tasks)
+
     def in_flight(self, key: str) -> bool:
         """Whether a call for ``key`` would join a flight now."""
         return key in self._inflight

@@ -163,6 +163,8 @@ class FakeCache:
         self.data: dict[str, dict[str, Any]] = {}
         self.get_calls: list[str] = []
         self.set_calls: list[tuple[str, dict[str, Any], float | None]] = []
+        self.get_batches: list[int] = []  # keys per get_many call (one hop each)
+        self.set_batches: list[int] = []
         self.fail_with: BaseException | None = None
         self.hang: asyncio.Event | None = None  # get/set/stats wait on it when set
         self.stats_fail_with: BaseException | None = None
@@ -173,17 +175,20 @@ class FakeCache:
         if self.fail_with is not None:
             raise self.fail_with
 
-    async def get(self, key: str) -> CacheLookup | None:
-        self.get_calls.append(key)
+    async def get_many(self, keys: list[str]) -> list[CacheLookup | None]:
+        self.get_calls += keys
+        self.get_batches.append(len(keys))
         await self._maybe_misbehave()
-        value = self.data.get(key)
-        return None if value is None else CacheLookup(value=copy.deepcopy(value), tier=self.tier)
+        values = [self.data.get(key) for key in keys]
+        return [None if v is None else CacheLookup(value=copy.deepcopy(v), tier=self.tier) for v in values]
 
-    async def set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> bool:
-        self.set_calls.append((key, copy.deepcopy(value), ttl_s))
+    async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
+        self.set_calls += [(key, copy.deepcopy(value), ttl_s) for key, value, ttl_s in items]
+        self.set_batches.append(len(items))
         await self._maybe_misbehave()
-        self.data[key] = copy.deepcopy(value)
-        return True
+        for key, value, _ in items:
+            self.data[key] = copy.deepcopy(value)
+        return [True] * len(items)
 
     async def stats(self) -> dict[str, Any]:
         if self.stats_fail_with is not None:

@@ -296,6 +296,16 @@ async def test_redis_hit_is_promoted_to_memory(fake_redis: FakeRedis, clock: Fak
     assert fake_redis.get_calls == ["svc:k"]
 
 
+async def test_many_at_once_answers_each_key_in_order_from_its_tier(fake_redis: FakeRedis, clock: FakeClock) -> None:
+    cache = tiered(fake_redis, clock)
+    other = {**VALUE, "program_version": "other"}
+    assert await cache.set_many([("svc:mem", VALUE, None), ("svc:big", {"x": "y" * 300_000}, None)]) == [True, False]
+    fake_redis.plant("svc:red", encode_value(other))
+    found = await cache.get_many(["svc:red", "svc:none", "svc:mem"])
+    assert found == [{"value": other, "tier": "redis"}, None, {"value": VALUE, "tier": "memory"}]
+    assert await cache.get_many([]) == []
+
+
 async def test_too_large_value_is_not_stored(fake_redis: FakeRedis, clock: FakeClock) -> None:
     cache = tiered(fake_redis, clock)
     big = {**VALUE, "outputs": {"answer": "x" * 2_000}}

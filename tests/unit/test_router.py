@@ -217,6 +217,42 @@ async def test_hanging_cache_is_bounded_by_its_budget(fake_predictor: FakePredic
     assert len(fake_cache.set_calls) == 1
 
 
+async def test_concurrent_lookups_share_one_cache_hop_and_writes_one_more(
+    core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    outcomes = await asyncio.gather(*(ask(core, {"question": f"q{i}"}, rid=f"r{i}") for i in range(20)))
+    await core.drain()
+    assert {o.headers["X-Cache"] for o in outcomes} == {"MISS"}
+    assert [o.body["outputs"] for o in outcomes] == [fake_outputs({"question": f"q{i}"}) for i in range(20)]
+    # 20 lookups made in one event-loop turn: one get_many; 20 write-backs inside the
+    # write window: one set_many. Without batching that was 40 hops.
+    assert fake_cache.get_batches == [20] and fake_cache.set_batches == [20]
+    assert core.counters.get("cache_hops", op="get") == 1 and core.counters.get("cache_hop_items", op="get") == 20
+    again = await asyncio.gather(*(ask(core, {"question": f"q{i}"}) for i in range(20)))
+    assert {o.headers["X-Cache"] for o in again} == {"HIT-MEMORY"}
+
+
+async def test_batch_size_is_capped_by_hop_batch_max(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"hop_batch_max": 8}))
+    await asyncio.gather(*(ask(core, {"question": f"q{i}"}) for i in range(20)))
+    await core.drain()
+    assert fake_cache.get_batches == [8, 8, 4]
+    assert sum(fake_cache.set_batches) == 20 and max(fake_cache.set_batches) <= 8
+
+
+async def test_a_write_back_waits_at_most_the_write_window(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
+    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"write_batch_s": 0.05}))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    out = await ask(core)
+    assert out.headers["X-Cache"] == "MISS" and fake_cache.set_calls == []  # answered before the write
+    while not fake_cache.set_calls:
+        await asyncio.sleep(0.005)
+    assert 0.045 <= loop.time() - started < 0.5
+    # meanwhile the router itself answers it (near cache), without a hop
+    assert (await ask(core)).headers["X-Cache"] == "HIT-MEMORY" and fake_cache.get_batches == [1]
+
+
 async def test_two_hundred_identical_cold_requests_make_one_call(
     core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
 ) -> None:

@@ -1,0 +1,157 @@
+"""HopBatcher: calls in one event-loop turn (or one window) share a hop; failures and
+cancellations stay where they belong."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+
+import pytest
+
+from serve_app.hop_batch import HopBatcher
+
+
+class Remote:
+    """A batched callee: records each batch, can be gated, can fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self.short = False  # answer one result too few
+
+    async def __call__(self, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        out = [item.upper() for item in items]
+        return out[:-1] if self.short else out
+
+
+async def test_calls_in_one_turn_share_one_hop_and_get_their_own_results() -> None:
+    remote = Remote()
+    sizes: list[int] = []
+    batcher: HopBatcher[str, str] = HopBatcher(remote, on_batch=sizes.append)
+    results = await asyncio.gather(*(batcher.call(k) for k in ("a", "b", "c")))
+    assert results == ["A", "B", "C"]
+    assert remote.batches == [["a", "b", "c"]] and sizes == [3]
+
+
+async def test_a_lone_call_is_sent_at_once() -> None:
+    remote = Remote()
+    batcher: HopBatcher[str, str] = HopBatcher(remote)
+    assert await batcher.call("x") == "X"
+    assert await batcher.call("y") == "Y"
+    assert remote.batches == [["x"], ["y"]]
+
+
+async def test_max_batch_splits_a_burst() -> None:
+    remote = Remote()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_batch=2)
+    results = await asyncio.gather(*(batcher.call(k) for k in "abcde"))
+    assert results == list("ABCDE")
+    assert remote.batches == [["a", "b"], ["c", "d"], ["e"]]
+
+
+async def test_a_window_gathers_calls_spread_over_time() -> None:
+    remote = Remote()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=0.05)
+
+    async def later(key: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        return await batcher.call(key)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(later("a", 0), later("b", 0.01), later("c", 0.02))
+    assert results == ["A", "B", "C"]
+    assert remote.batches == [["a", "b", "c"]]
+    assert time.perf_counter() - started >= 0.045  # the window, counted from the first call
+
+
+async def test_a_failed_batch_fails_each_caller_with_its_error() -> None:
+    remote = Remote()
+    remote.error = ConnectionError("cache replica gone")
+    batcher: HopBatcher[str, str] = HopBatcher(remote)
+    results = await asyncio.gather(*(batcher.call(k) for k in "ab"), return_exceptions=True)
+    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+
+
+async def test_a_short_answer_is_an_error_not_a_wrong_result() -> None:
+    remote = Remote()
+    remote.short = True
+    batcher: HopBatcher[str, str] = HopBatcher(remote)
+    results = await asyncio.gather(*(batcher.call(k) for k in "ab"), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_one_caller_giving_up_does_not_cancel_the_others() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote)
+    impatient = asyncio.ensure_future(batcher.call("a"))
+    patient = asyncio.ensure_future(batcher.call("b"))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    await asyncio.sleep(0)
+    remote.gate.set()
+    assert await patient == "B"
+    assert impatient.cancelled()
+
+
+async def test_a_hung_callee_is_bounded_by_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()  # never set
+    batcher: HopBatcher[str, str] = HopBatcher(remote, timeout_s=0.05)
+    with pytest.raises(TimeoutError):
+        await batcher.call("a")
+    await batcher.flush()  # nothing left in flight
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_cancelled_batch_is_a_failed_hop_for_its_callers() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote)
+    caller = asyncio.ensure_future(batcher.call("a"))
+    await asyncio.sleep(0.01)
+    for task in list(batcher._inflight):  # e.g. Ray cancelling the hop
+        task.cancel()
+    with pytest.raises(ConnectionError):
+        await caller
+
+
+async def test_flush_sends_a_window_early_and_waits_for_it() -> None:
+    remote = Remote()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=10.0)
+    caller = asyncio.ensure_future(batcher.call("a"))
+    await asyncio.sleep(0)
+    assert len(batcher) == 1 and remote.batches == []
+    await asyncio.wait_for(batcher.flush(), 1.0)
+    assert remote.batches == [["a"]] and await caller == "A"
+
+
+async def test_the_batch_runs_in_the_context_the_factory_makes() -> None:
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    seen: list[str] = []
+
+    async def remote(items: list[str]) -> list[str]:
+        seen.append(var.get())
+        return items
+
+    def detached() -> contextvars.Context:
+        ctx = contextvars.copy_context()
+        ctx.run(var.set, "detached")
+        return ctx
+
+    var.set("caller")
+    batcher: HopBatcher[str, str] = HopBatcher(remote, context=detached)
+    assert await batcher.call("a") == "a"
+    assert seen == ["detached"]
+
+
+def test_max_batch_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        HopBatcher(Remote(), max_batch=0)
