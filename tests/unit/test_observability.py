@@ -150,6 +150,21 @@ def test_mask_hides_key_shaped_values(text: str, secret: str) -> None:
     assert secret not in mask(text)
 
 
+@pytest.mark.parametrize("text", [
+    "prediction", "GET /v1/models 200 1.2ms", "TOKEN: abcd1234efgh", "Password=hunter2hunter2",
+    "ApiKey: zzzz1234yyyy", "AUTHORIZATION=Basic dXNlcjpwYXNzd29yZA==", "rediss://u:pw12345@h:6380/1",
+    "sk-ABCDEFGH12345678 and bearer abcdefghijkl", "no secrets: sk_ nor api key", "secret_name=value-1234",
+])
+def test_the_fast_path_skips_only_lines_no_pattern_could_match(text: str) -> None:
+    from serve_app import logs
+
+    full = logs._PATTERNS[0].sub(logs.MASK, text)
+    full = logs._PATTERNS[1].sub(logs.MASK, full)
+    full = logs._PATTERNS[2].sub(lambda m: f"{m.group(1)}{m.group(2)}{logs.MASK}", full)
+    full = logs._PATTERNS[3].sub(lambda m: f"{m.group(1)}{logs.MASK}{m.group(3)}", full)
+    assert mask(text) == full
+
+
 def test_secret_mask_filter_covers_message_args_extras_and_exceptions(caplog: pytest.LogCaptureFixture) -> None:
     literal = "plain-looking-secret-value"
     log = logging.getLogger("serve_app.test.mask")
