@@ -96,14 +96,19 @@ class Predictor:
 
 
 def _policy_redis(args: AppArgs) -> Any:
-    """The router's own Redis client for limits and budgets (the cache's server), or None."""
+    """The router's own Redis client for limits and budgets (the cache's server), or None.
+
+    Its socket timeout is the policy deadline (``policy.store_timeout_s``), not the cache's
+    50 ms: a socket timeout under the deadline fails a script call whose reply is merely slow
+    (a burst on a busy router), and the call then falls back to the local share although Redis
+    applied it: over-admission (A1) and budget drift (A4)."""
     redis_cfg = args.cache.redis
     if redis_cfg is None:
         return None
     url = redis_cfg.url if redis_cfg.url is not None else os.environ.get(redis_cfg.url_env or "", "")
     if not url:
         return None
-    return redis_from_url(url, redis_cfg.socket_timeout_s, redis_cfg.connect_timeout_s)
+    return redis_from_url(url, max(redis_cfg.socket_timeout_s, args.policy.store_timeout_s), redis_cfg.connect_timeout_s)
 
 
 def _env_values(names: list[str]) -> list[str]:

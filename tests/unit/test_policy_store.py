@@ -143,3 +143,17 @@ async def test_close_closes_the_client_and_never_raises() -> None:
     await store.close()
     assert client.closed
     await store_with(None).close()
+
+
+def test_the_routers_policy_client_waits_the_policy_deadline_not_the_caches() -> None:
+    """A 50 ms socket timeout (the cache's) under a 0.5 s policy deadline failed slow-but-
+    applied script calls on a busy router: A1 admitted 65 of a limit of 60 that way."""
+    from serve_app.deployments import _policy_redis
+
+    from .conftest import app_args
+
+    args = app_args(cache={"redis": {"url": "redis://127.0.0.1:1/0", "socket_timeout_s": 0.05}},
+                    policy={"store_timeout_s": 0.5})
+    client = _policy_redis(args)
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.5
+    assert client.connection_pool.connection_kwargs["socket_connect_timeout"] == 0.1
