@@ -101,16 +101,19 @@ return 1
 """
 
 # Budget reservation. KEYS: one hash per budget scope and window (fields committed = spent +
-# reserved, spent). ARGV[1]: the amount to reserve, ARGV[2]: TTL s, then one hard limit per
-# key (-1: none). All-or-nothing: reserves on every key only if every key stays within its
-# limit. Reply: ok, then per key its committed total after the call.
+# reserved, spent, and r:<op id> = the amount each open reservation holds). ARGV[1]: the
+# amount to reserve, ARGV[2]: TTL s, ARGV[3]: the operation id, ARGV[4]: its tombstone key,
+# then one hard limit per key (-1: none). All-or-nothing: reserves on every key only if every
+# key stays within its limit. A reservation already settled (its tombstone exists: this copy
+# arrived late) reserves nothing. Reply: ok, then per key its committed total after the call.
 _BUDGET_RESERVE = """
 local amount = tonumber(ARGV[1])
 local ok = 1
+if redis.call('EXISTS', ARGV[4]) == 1 then ok = 0 end
 local committed = {}
 for i, key in ipairs(KEYS) do
   local c = tonumber(redis.call('HGET', key, 'committed') or '0')
-  local hard = tonumber(ARGV[2 + i])
+  local hard = tonumber(ARGV[4 + i])
   if hard >= 0 and c + amount > hard then ok = 0 end
   committed[i] = c
 end
@@ -119,6 +122,7 @@ for i, key in ipairs(KEYS) do
   local c = committed[i]
   if ok == 1 then
     c = tonumber(redis.call('HINCRBYFLOAT', key, 'committed', amount))
+    redis.call('HSET', key, 'r:' .. ARGV[3], ARGV[1])
     redis.call('EXPIRE', key, tonumber(ARGV[2]))
   end
   out[#out + 1] = tostring(c)
@@ -126,9 +130,42 @@ end
 return out
 """
 
-# Settle (or release) a reservation. ARGV: delta to committed, amount spent, TTL s.
+# Settle (or release, cost 0) a reservation, idempotently. ARGV[1]: operation id, ARGV[2]:
+# the real cost, ARGV[3]: TTL s, ARGV[4]: tombstone key ('' when the reservation is known to
+# be held here), ARGV[5]: tombstone TTL s. Per key: the amount held under r:<id> is replaced by
+# the cost, once. With a tombstone (the replica never learned whether its reservation
+# arrived): a reservation not held here is charged the cost directly, and the tombstone makes
+# a repeat of this settle, or a late copy of the reservation, a no-op.
 # Reply: per key committed and spent after the call.
 _BUDGET_SETTLE = """
+local field = 'r:' .. ARGV[1]
+local cost = tonumber(ARGV[2])
+local tomb = ARGV[4]
+local done = tomb ~= '' and redis.call('EXISTS', tomb) == 1
+local out = {}
+for _, key in ipairs(KEYS) do
+  if not done then
+    local held = redis.call('HGET', key, field)
+    if held then
+      redis.call('HDEL', key, field)
+      redis.call('HINCRBYFLOAT', key, 'committed', cost - tonumber(held))
+      redis.call('HINCRBYFLOAT', key, 'spent', cost)
+    elseif tomb ~= '' then
+      redis.call('HINCRBYFLOAT', key, 'committed', cost)
+      redis.call('HINCRBYFLOAT', key, 'spent', cost)
+    end
+    redis.call('EXPIRE', key, tonumber(ARGV[3]))
+  end
+  out[#out + 1] = tostring(tonumber(redis.call('HGET', key, 'committed') or '0'))
+  out[#out + 1] = tostring(tonumber(redis.call('HGET', key, 'spent') or '0'))
+end
+if tomb ~= '' and not done then redis.call('SET', tomb, '1', 'EX', tonumber(ARGV[5])) end
+return out
+"""
+
+# Add summed amounts (a replica's overflow of unconfirmed settles). ARGV: delta to committed,
+# amount spent, TTL s. Reply: per key committed and spent after the call.
+_BUDGET_ADD = """
 local out = {}
 for _, key in ipairs(KEYS) do
   local c = redis.call('HINCRBYFLOAT', key, 'committed', tonumber(ARGV[1]))
@@ -155,6 +192,7 @@ SCRIPTS: dict[str, str] = {
     "rl_add": _RL_ADD,
     "budget_reserve": _BUDGET_RESERVE,
     "budget_settle": _BUDGET_SETTLE,
+    "budget_add": _BUDGET_ADD,
     "heartbeat": _HEARTBEAT,
 }
 
@@ -199,13 +237,19 @@ class PolicyStore:
         return max(self._min_replicas, self._live)
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[Any] | None:
+        """The script's reply, or None when there is none (no store, breaker open, error)."""
+        return (await self.attempt(name, keys, args))[0]
+
+    async def attempt(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[list[Any] | None, bool]:
+        """``(reply, sent)``: ``sent`` is False only when the script surely did not run (no
+        store, breaker open); a call that failed after sending may have run in Redis."""
         if self._client is None:
-            return None
+            return None, False
         try:
             permit = self.breaker.acquire()
         except BreakerOpen:
             self._counters.inc("policy_store_ops", op=name, result="skipped")
-            return None
+            return None, False
         with permit:
             try:
                 async with asyncio.timeout(self._timeout):
@@ -215,9 +259,10 @@ class PolicyStore:
             except Exception:  # noqa: BLE001 - Redis trouble: the caller falls back to its local share
                 permit.failure()
                 self._counters.inc("policy_store_ops", op=name, result="error")
-                return None
+                return None, True
             permit.success()
-        return [r.decode() if isinstance(r, bytes) else r for r in reply] if isinstance(reply, list) else [reply]
+        out = [r.decode() if isinstance(r, bytes) else r for r in reply] if isinstance(reply, list) else [reply]
+        return out, True
 
     async def heartbeat(self) -> None:
         """Announce this replica and learn how many are live (kept on failure)."""

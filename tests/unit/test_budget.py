@@ -220,6 +220,10 @@ async def test_fifty_concurrent_reservations_never_commit_more_than_the_limit() 
             await asyncio.sleep(0)
             return None
 
+        async def attempt(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[None, bool]:
+            await asyncio.sleep(0)
+            return None, False
+
     book = BudgetBook(YieldingDownStore(), wall=FakeClock(NOW))  # type: ignore[arg-type]
     scopes = [scope(hard_usd=1.0)]
 
@@ -241,37 +245,63 @@ async def test_fifty_concurrent_reservations_never_commit_more_than_the_limit() 
 
 class ScriptStore:
     """A ``PolicyStore`` stand-in that runs the budget scripts' semantics in memory (atomic per
-    call, yielding first like a network hop), can be 'down', and records every call."""
+    call, yielding first like a network hop), can be 'down' (nothing applied) or lose replies
+    (applied, but the caller hears nothing: a deadline passed), and records every call."""
 
     prefix = "p"
     shared = True
 
     def __init__(self, replicas: int = 1) -> None:
         self.hashes: dict[str, dict[str, float]] = {}
+        self.tombstones: set[str] = set()
         self.calls: list[tuple[str, list[str], list[Any]]] = []
         self.down = False
+        self.lose_replies = False
         self.replicas = replicas
 
     def live_replicas(self) -> int:
         return self.replicas
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str] | None:
+        return (await self.attempt(name, keys, args))[0]
+
+    async def attempt(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[list[str] | None, bool]:
         await asyncio.sleep(0)
         self.calls.append((name, list(keys), list(args)))
         if self.down:
-            return None
+            return None, False
+        out = self.apply(name, keys, args)
+        return (None, True) if self.lose_replies else (out, True)
+
+    def apply(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> list[str]:
         if name == "budget_reserve":
-            amount, hards = float(args[0]), [float(h) for h in args[2:]]
+            amount, op, tomb, hards = float(args[0]), args[2], args[3], [float(h) for h in args[4:]]
             committed = [self.hashes.get(k, {}).get("committed", 0.0) for k in keys]
-            ok = all(h < 0 or c + amount <= h for c, h in zip(committed, hards))
+            ok = tomb not in self.tombstones and all(h < 0 or c + amount <= h for c, h in zip(committed, hards))
             out = ["1" if ok else "0"]
             for k, c in zip(keys, committed):
                 if ok:
-                    c = self.hashes.setdefault(k, {}).setdefault("committed", 0.0) + amount
-                    self.hashes[k]["committed"] = c
+                    h = self.hashes.setdefault(k, {})
+                    c = h["committed"] = h.get("committed", 0.0) + amount
+                    h[f"r:{op}"] = amount
                 out.append(repr(c))
             return out
         if name == "budget_settle":
+            op, cost, tomb = args[0], float(args[1]), args[3]
+            done = bool(tomb) and tomb in self.tombstones
+            out = []
+            for k in keys:
+                h = self.hashes.setdefault(k, {})
+                if not done:
+                    held = h.pop(f"r:{op}", None)
+                    if held is not None or tomb:
+                        h["committed"] = h.get("committed", 0.0) + cost - (held or 0.0)
+                        h["spent"] = h.get("spent", 0.0) + cost
+                out += [repr(h.get("committed", 0.0)), repr(h.get("spent", 0.0))]
+            if tomb and not done:
+                self.tombstones.add(tomb)
+            return out
+        if name == "budget_add":
             out = []
             for k in keys:
                 h = self.hashes.setdefault(k, {})
@@ -293,10 +323,14 @@ async def test_store_call_shapes() -> None:
     name, keys, args = store.calls[0]
     assert name == "budget_reserve"
     assert keys == [KEY, "p:budget:key:k1:2026-11-22"]
-    assert [float(a) for a in args] == [0.25, int(DAY_LEFT + 86_400), 1.0, -1.0]
+    assert [float(a) for a in args[:2]] == [0.25, int(DAY_LEFT + 86_400)]
+    assert args[2] == r.op_id and args[3] == f"p:budget:op:{r.op_id}"
+    assert [float(a) for a in args[4:]] == [1.0, -1.0]
+    assert store.hashes[KEY] == {"committed": 0.25, f"r:{r.op_id}": 0.25}
     await book.settle(r, 0.125)
     name, keys, args = store.calls[1]
-    assert name == "budget_settle" and [float(a) for a in args[:2]] == [-0.125, 0.125]
+    # Redis confirmed the reservation: no tombstone needed.
+    assert name == "budget_settle" and args[:4] == [r.op_id, repr(0.125), int(DAY_LEFT + 86_400), ""]
     assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}
 
 
@@ -354,11 +388,13 @@ async def test_pending_spend_is_flushed_when_the_store_answers_again() -> None:
     store.calls.clear()
     r = await book.reserve(scopes, 0.125)
     assert r is not None and not r.local
-    (flush, reserve) = store.calls
-    assert flush[0] == "budget_settle" and flush[1] == [KEY]
-    assert [float(a) for a in flush[2][:2]] == [0.25, 0.25]
+    *flush, reserve = store.calls
+    # One settle per outage reservation, each with its id and a tombstone (Redis never
+    # confirmed them), then the new reservation.
+    assert [(c[0], c[1], c[2][0], c[2][3]) for c in flush] == [
+        ("budget_settle", [KEY], h.op_id, f"p:budget:op:{h.op_id}") for h in held]
     assert reserve[0] == "budget_reserve"
-    assert store.hashes[KEY] == {"committed": 0.875, "spent": 0.75}
+    assert {k: v for k, v in store.hashes[KEY].items() if not k.startswith("r:")} == {"committed": 0.875, "spent": 0.75}
     # Flushed once: the next reservation sends no second flush.
     store.calls.clear()
     await book.reserve(scopes, 0.125)
@@ -374,4 +410,109 @@ async def test_settle_during_an_outage_is_pushed_later() -> None:
     await book.settle(r, 0.5)  # the store missed the settle
     store.down = False
     await book.reserve(scopes, 0.125)
-    assert store.hashes[KEY] == {"committed": 0.625, "spent": 0.5}
+    assert counted(store) == {"committed": 0.625, "spent": 0.5}
+
+
+# ----------------------------------------------------------------------------- lost replies
+
+
+def counted(store: ScriptStore) -> dict[str, float]:
+    return {k: v for k, v in store.hashes[KEY].items() if not k.startswith("r:")}
+
+
+async def test_a_lost_settle_reply_is_sent_again_and_counted_once() -> None:
+    store = ScriptStore()
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    scopes = [scope(hard_usd=1.0)]
+    r = await book.reserve(scopes, 0.25)
+    store.lose_replies = True
+    await book.settle(r, 0.125)  # applied in Redis; the replica heard nothing
+    assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}
+    store.lose_replies = False
+    await book.settle(await book.reserve(scopes, 0.25), 0.25)  # the repeat goes first: a no-op
+    assert [c[0] for c in store.calls].count("budget_settle") == 3
+    assert store.hashes[KEY] == {"committed": 0.375, "spent": 0.375}
+
+
+async def test_a_lost_reservation_reply_is_settled_once() -> None:
+    store = ScriptStore()
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    store.lose_replies = True
+    r = await book.reserve([scope(hard_usd=1.0)], 0.25)  # held in Redis; the replica heard nothing
+    assert r is not None and r.local and store.hashes[KEY]["committed"] == 0.25
+    store.lose_replies = False
+    await book.settle(r, 0.125)
+    assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}  # the estimate replaced, not added to
+    await book.settle(r, 0.125)  # a second settle of the same reservation does nothing
+    store.apply(*store.calls[-1])  # ... nor a duplicate delivery of its script
+    assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}
+
+
+async def test_a_reservation_arriving_after_its_settle_is_ignored() -> None:
+    store = ScriptStore()
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    store.down = True
+    r = await book.reserve([scope(hard_usd=1.0)], 0.25)  # never reached Redis (yet)
+    reserve_call = store.calls[-1]
+    store.down = False
+    await book.settle(r, 0.125)  # charged directly, with a tombstone
+    assert counted(store) == {"committed": 0.125, "spent": 0.125}
+    assert store.apply(*reserve_call)[0] == "0"  # the delayed reservation lands: nothing held
+    assert store.hashes[KEY] == {"committed": 0.125, "spent": 0.125}
+
+
+async def test_releasing_a_lost_reservation_frees_what_redis_holds() -> None:
+    store = ScriptStore()
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    store.lose_replies = True
+    r = await book.reserve([scope(hard_usd=1.0)], 0.25)
+    store.lose_replies = False
+    await book.release(r)
+    assert store.hashes[KEY] == {"committed": 0.0, "spent": 0.0}
+
+
+async def test_unconfirmed_settles_beyond_max_pending_are_summed_and_counted() -> None:
+    store = ScriptStore()
+    counters = Counters()
+    book = BudgetBook(store, wall=FakeClock(NOW), counters=counters, max_pending=2)  # type: ignore[arg-type]
+    scopes = [scope(hard_usd=10.0)]
+    held = [await book.reserve(scopes, 0.25) for _ in range(3)]
+    store.down = True
+    for r in held:
+        await book.settle(r, 0.125)
+    assert counters.get("budget_pending_overflow") == 1
+    store.down = False
+    await book.settle(await book.reserve(scopes, 0.25), 0.25)
+    assert [c[0] for c in store.calls[-5:]] == ["budget_settle", "budget_settle", "budget_add", "budget_reserve",
+                                                "budget_settle"]
+    assert counted(store) == {"committed": 0.625, "spent": 0.625}
+
+
+async def test_a_long_backlog_drains_a_bounded_number_per_reservation() -> None:
+    store = ScriptStore()
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    scopes = [scope(hard_usd=100.0)]
+    held = [await book.reserve(scopes, 0.25) for _ in range(40)]
+    store.down = True
+    for r in held:
+        await book.settle(r, 0.125)
+    store.down = False
+    store.calls.clear()
+    await book.reserve(scopes, 0.25)
+    assert [c[0] for c in store.calls].count("budget_settle") == 32
+    await book.reserve(scopes, 0.25)
+    assert counted(store) == {"committed": 40 * 0.125 + 2 * 0.25, "spent": 40 * 0.125}
+
+
+async def test_a_lost_reservation_refused_locally_is_given_back() -> None:
+    """Redis booked the reservation but its reply was lost, and the local share then refused
+    the request: nobody will settle it, so the refusal releases it (nothing stays held)."""
+    store = ScriptStore(replicas=4)
+    book = BudgetBook(store, wall=FakeClock(NOW))  # type: ignore[arg-type]
+    store.lose_replies = True
+    with pytest.raises(BudgetExceeded):
+        await book.reserve([scope(hard_usd=1.0)], 0.5)  # share: 1.0 / 4 replicas < 0.5
+    store.lose_replies = False
+    await book.release(await book.reserve([scope(hard_usd=1.0)], 0.0))  # sends the release again first
+    assert counted(store) == {"committed": 0.0, "spent": 0.0}
+    assert not [k for k in store.hashes[KEY] if k.startswith("r:")]

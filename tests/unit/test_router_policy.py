@@ -265,8 +265,11 @@ class YieldingDownStore:
         return 1
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        return (await self.attempt(name, keys, args))[0]
+
+    async def attempt(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> tuple[None, bool]:
         await asyncio.sleep(0)
-        return None
+        return None, True  # sent, then failed: as PolicyStore reports a refused connection
 
 
 async def test_follower_that_reserved_gives_it_back_when_the_flight_succeeds() -> None:
