@@ -113,6 +113,8 @@ class Cfg:
     client: str
     ray_env: dict[str, str]
     serve_mode: str
+    router_replicas: int = 1  # ours: Router replicas (HAProxy balances over them in the fast mode)
+    qa_replicas: int = 1  # ours: replicas of the steady-phase predictors (qa, qa1s)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
@@ -143,7 +145,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
                         "+ HAProxy, the shipped one (default); proxy = Serve's Python proxy")
     p.add_argument("--ray-env", action="append", default=[], metavar="K=V",
                    help="one more env var for every Ray process (set before ray.init), e.g. RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1")
+    p.add_argument("--router-replicas", type=int, default=1, help="ours: Router replicas (default 1)")
+    p.add_argument("--qa-replicas", type=int, default=1,
+                   help="ours: replicas of the qa and qa1s predictors, pinned (default 1)")
     a = p.parse_args(argv)
+    if a.router_replicas < 1 or a.qa_replicas < 1:
+        p.error("--router-replicas and --qa-replicas must be >= 1")
     q = a.quick
     if a.scenarios is None:
         scen = [s for s in SCENARIOS if not (q and s in ("autoscale", "coldstart"))]
@@ -177,6 +184,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
         coldstart_wait_s=30.0 if q else 60.0, idle_s=2.0 if q else 5.0,
         sim_latency_ms=a.sim_latency_ms, fixed_inputs=16, max_inflight=512, timeout_s=a.timeout_s,
         client=a.client, ray_env=ray_env, serve_mode=a.serve_mode,
+        router_replicas=a.router_replicas, qa_replicas=a.qa_replicas,
     )
     return a, cfg
 
@@ -417,23 +425,25 @@ def _router(**kw: Any) -> dict[str, Any]:
     return {"name": "Router", "num_replicas": 1, "max_ongoing_requests": 512, "max_queued_requests": 1024, **kw}
 
 
-def main_app(api_base: str) -> dict[str, Any]:
+def main_app(api_base: str, router_replicas: int = 1, qa_replicas: int = 1) -> dict[str, Any]:
     """Ours as shipped in serve_config.yaml (Router, Cache, qa: max_ongoing 128, max_queued
-    256), with the qa predictor pinned to 1 replica (no autoscaling during steady phases)."""
+    256), with the qa predictor pinned to ``qa_replicas`` (default 1; no autoscaling during
+    steady phases) and ``router_replicas`` Routers."""
     return dspy_app("perf", "/", [_model("qa", api_base)], limits={"request_timeout_s": 20},
-                    deployments=[_router(), {"name": "qa", "num_replicas": 1, "max_ongoing_requests": 128,
-                                             "max_queued_requests": 256}])
+                    deployments=[_router(num_replicas=router_replicas),
+                                 {"name": "qa", "num_replicas": qa_replicas, "max_ongoing_requests": 128,
+                                  "max_queued_requests": 256}])
 
 
-def aux_app(api_base: str) -> dict[str, Any]:
+def aux_app(api_base: str, router_replicas: int = 1, qa_replicas: int = 1) -> dict[str, Any]:
     return dspy_app(
         "perf_aux", "/aux",
         [_model("qa1s", api_base), _model("slow", api_base), _model("auto", api_base)],
         limits={"request_timeout_s": 20},
         deployments=[
-            _router(),
+            _router(num_replicas=router_replicas),
             # 200 clients on a 1 s LM: one replica takes them all at once
-            {"name": "qa1s", "num_replicas": 1, "max_ongoing_requests": 256, "max_queued_requests": 256},
+            {"name": "qa1s", "num_replicas": qa_replicas, "max_ongoing_requests": 256, "max_queued_requests": 256},
             {"name": "slow", "num_replicas": 1, **OVERLOAD},
             {"name": "auto", "max_ongoing_requests": 16, "autoscaling_config": dict(AUTOSCALING)},
         ],
@@ -694,7 +704,8 @@ def run_ours(ctx: Ctx) -> dict[str, Any]:
         system = System("ours", "ours", rs.base_url, meter, rs)
         ctx.log(f"[ours] Ray up (dashboard {rs.dashboard_url}, HTTP {rs.base_url}, env {cfg.ray_env or 'default'}); "
                 f"deploying")
-        rs.deploy(serve_config(main_app(ctx.sim.api_base)), name="perf_main")
+        shape = (cfg.router_replicas, cfg.qa_replicas)
+        rs.deploy(serve_config(main_app(ctx.sim.api_base, *shape)), name="perf_main")
         rs.wait_ready("/")
         out["setup_s"] = round(time.monotonic() - t, 1)
         ctx.log(f"[ours] app RUNNING and ready after {out['setup_s']} s")
@@ -707,7 +718,7 @@ def run_ours(ctx: Ctx) -> dict[str, Any]:
         if "zipf" in cfg.scenarios:
             out["zipf"] = guarded(ctx, "ours", "zipf", run_zipf, ctx, system)
         later = [s for s in ("lm1s", "overload", "autoscale", "coldstart") if s in cfg.scenarios]
-        apps = [main_app(ctx.sim.api_base), aux_app(ctx.sim.api_base)]
+        apps = [main_app(ctx.sim.api_base, *shape), aux_app(ctx.sim.api_base, *shape)]
         if any(s in later for s in ("lm1s", "overload", "autoscale")):
             t = time.monotonic()
             rs.deploy(serve_config(*apps), name="perf_aux", wait_apps=["perf_aux"])
@@ -936,7 +947,7 @@ def cpu_breakdown(ours: dict[str, Any] | None, cfg: Cfg) -> str:
 def render_markdown(result: dict[str, Any]) -> str:
     cfg = Cfg(**result["config"])
     systems = result["systems"]
-    peers = [p for p in ("peer-1w", "peer-2w") if p in systems]
+    peers = sorted((p for p in systems if p.startswith("peer-")), key=lambda p: int(p[5:-1]))
     h = cfg.high
     hdr = result["header"]
     lines = [header_markdown('Performance benchmark (issue "Performance"): ours vs the FastAPI peer', hdr)]
@@ -945,10 +956,12 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Setup: everything on this machine, on loopback. **Ours**: local Ray Serve, app Router → Cache → `qa` "
-        "predictor as in `serve_config.yaml` (Router max_ongoing 512 / max_queued 1024; qa max_ongoing 128 / "
-        "max_queued 256, pinned to 1 replica; memory cache 10k entries + router near cache), every replica "
+        f"predictor as in `serve_config.yaml` ({cfg.router_replicas} Router replica(s), max_ongoing 512 / max_queued "
+        f"1024; qa max_ongoing 128 / max_queued 256, pinned to {cfg.qa_replicas} replica(s); memory cache 10k entries "
+        "+ router near cache), every replica "
         "`num_cpus: 0`. **Peer**: `benchmarks/peer_app.py` (DSPy's FastAPI deployment tutorial, `await "
-        "program.acall`) on uvicorn with 1 and 2 workers, no access log. Same program (`build_qa` + `qa_v1.json`), "
+        f"program.acall`) on uvicorn with {', '.join(p[5:-1] for p in peers) or 'no'} worker(s), no access log. "
+        "Same program (`build_qa` + `qa_v1.json`), "
         f"same LM simulator process ({cfg.sim_latency_ms:g} ms, no jitter). Load generator: its own process, "
         f"{cfg.client}, closed loop (fixed concurrency) or open loop (fixed arrival rate, latency from the intended "
         f"send time: no coordinated omission; in-flight cap {cfg.max_inflight}, over it = dropped = error). "
@@ -1101,7 +1114,7 @@ def plot_sweep(systems: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"ours": "C0", "peer-1w": "C1", "peer-2w": "C2"}
+    styles = {"ours": "C0", "peer-1w": "C1", "peer-2w": "C2", "peer-4w": "C3", "peer-8w": "C4"}
     any_line = False
     for name, data in systems.items():
         for scen, ls in (("miss", "-"), ("zipf", "--")):
@@ -1226,7 +1239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "header": header,
         "config": dataclasses.asdict(cfg),
-        "apps": {"main": main_app("<sim>"), "aux": aux_app("<sim>"), "cold": cold_app("<sim>")},
+        "apps": {"main": main_app("<sim>", cfg.router_replicas, cfg.qa_replicas),
+                 "aux": aux_app("<sim>", cfg.router_replicas, cfg.qa_replicas), "cold": cold_app("<sim>")},
         "slo_definition": SLO,
         "sim_models_latency_ms": SIM_MODELS,
         "total_s": round(total_s, 1),
