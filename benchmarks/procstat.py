@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CpuMeter", "classify", "descendants", "proc_cpu_s", "machine_busy", "cmdline"]
+__all__ = ["CpuMeter", "classify", "descendants", "proc_cpu_s", "machine_busy", "machine_steal", "cmdline"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -158,6 +158,16 @@ class CpuMeter:
             "by_group": {g: round(v, 3) for g, v in sorted(by_group.items(), key=lambda kv: -kv[1])},
             "processes": len(after),
         }
+
+
+def machine_steal() -> float:
+    """Seconds of CPU the hypervisor gave to others, summed over all CPUs since boot
+    (``/proc/stat``'s steal column: a noisy neighbour on a shared host shows here)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    return int(first[8]) / _TICK if len(first) > 8 else 0.0
 
 
 def machine_busy() -> tuple[float, float]:
