@@ -28,25 +28,22 @@ from typing import Any
 
 import httpx
 
-from .cluster import LMSimProcess, RayServe, dspy_app, serve_config, sim_model
+from .cluster import LMSimProcess, RayServe, dspy_app, serve_config
 from .loadgen import LoadSpec, run_load
+from .perf_bench import _model, _router
 from .phases import PREDICT_PATH
-from .procstat import cmdline, descendants, proc_cpu_s
+from .procstat import cmdline, descendants, machine_busy, machine_steal, proc_cpu_s
 from .report import header_markdown, run_header, write_results
 
-STATE = "configs/states/qa_v1.json"
 DEFAULT_VARIANTS = {"batched": {}, "unbatched": {"cache": {"hop_batch_max": 1, "write_batch_s": 0}}}
 
 
 def _app(name: str, variant: dict[str, Any], api_base: str) -> dict[str, Any]:
-    model = sim_model("qa", api_base, "serve_app.examples:build_qa", state=STATE)
-    # serve_config.yaml's Router and qa settings, qa pinned to one replica
-    return dspy_app(name, f"/{name}", [model], cache=variant.get("cache") or None,
+    # perf_bench's shape of ours (serve_config.yaml's Router and qa settings, qa pinned to one replica)
+    return dspy_app(name, f"/{name}", [_model("qa", api_base)], cache=variant.get("cache") or None,
                     limits={"request_timeout_s": 20}, env_vars=variant.get("env"),
-                    deployments=[{"name": "Router", "num_replicas": 1, "max_ongoing_requests": 512,
-                                  "max_queued_requests": 1024},
-                                 {"name": "qa", "num_replicas": 1, "max_ongoing_requests": 128,
-                                  "max_queued_requests": 256}])
+                    deployments=[_router(), {"name": "qa", "num_replicas": 1, "max_ongoing_requests": 128,
+                                             "max_queued_requests": 256}])
 
 
 def _replica_cpu(roots: list[int]) -> dict[str, float]:
@@ -60,11 +57,6 @@ def _replica_cpu(roots: list[int]) -> dict[str, float]:
     return out
 
 
-def _stat() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
 def _hops(base_url: str, name: str) -> dict[str, float]:
     ready = httpx.get(f"{base_url}/{name}/ready", timeout=10).json()
     return {f"{i['name']}/{i['labels'].get('op')}": i["value"]
@@ -76,17 +68,18 @@ def phase(ray: RayServe, name: str, concurrency: int, duration_s: float, warmup_
                     body={"kind": "unique", "model": "qa", "field": "question",
                           "template": "A/B question {nonce}-{i}: what is the capital of country {i}?"},
                     mode="closed", concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, timeout_s=20)
-    cpu0, stat0, hops0 = _replica_cpu(ray.server_pids), _stat(), _hops(ray.base_url, name)
+    cpu0, steal0, (_, tot0), hops0 = (_replica_cpu(ray.server_pids), machine_steal(), machine_busy(),
+                                      _hops(ray.base_url, name))
     res = run_load(spec)
-    cpu1, stat1, hops1 = _replica_cpu(ray.server_pids), _stat(), _hops(ray.base_url, name)
+    cpu1, steal1, (_, tot1), hops1 = (_replica_cpu(ray.server_pids), machine_steal(), machine_busy(),
+                                      _hops(ray.base_url, name))
     done = max(1, res.get("all_ok") or res["ok"])  # warm-up included, like the CPU window
-    delta = [b - a for a, b in zip(stat0, stat1)]
     cpu = {k.split(":", 1)[1]: round((v - cpu0.get(k, 0.0)) * 1000 / done, 3)
            for k, v in cpu1.items() if k.startswith(f"{name}:")}
     hops = {k: round((v - hops0.get(k, 0.0)) / done, 3) for k, v in hops1.items()}
     return {"variant": name, "rps": res["throughput_rps"], "p50_ms": res["latency_ms"]["p50"],
             "p99_ms": res["latency_ms"]["p99"], "errors": res["error_count"],
-            "steal": round(delta[7] / max(1, sum(delta)), 3) if len(delta) > 7 else None,
+            "steal": round((steal1 - steal0) / (tot1 - tot0), 3) if tot1 > tot0 else None,
             "cpu_ms_per_req": cpu, "cpu_ms_total": round(sum(cpu.values()), 3), "hops_per_req": hops}
 
 

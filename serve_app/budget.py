@@ -36,7 +36,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .config import BudgetConfig
@@ -78,8 +78,8 @@ class Reservation:
     amount: float
     local: bool  # True: Redis did not confirm it (unreachable, or the reply was lost)
     ttl_s: float  # of the window's keys, fixed at reservation: settling keeps the same window
+    op_id: str  # names the amount Redis holds for it (r:<op_id>)
     done: bool = False
-    op_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass

@@ -93,7 +93,8 @@ async def test_one_caller_giving_up_does_not_cancel_the_others() -> None:
     batcher: HopBatcher[str, str] = HopBatcher(remote)
     impatient = asyncio.ensure_future(batcher.call("a"))
     patient = asyncio.ensure_future(batcher.call("b"))
-    await asyncio.sleep(0.01)
+    while not remote.batches:  # the batch is on its way
+        await asyncio.sleep(0)
     impatient.cancel()
     await asyncio.sleep(0)
     remote.gate.set()
@@ -116,7 +117,8 @@ async def test_a_cancelled_batch_is_a_failed_hop_for_its_callers() -> None:
     remote.gate = asyncio.Event()
     batcher: HopBatcher[str, str] = HopBatcher(remote)
     caller = asyncio.ensure_future(batcher.call("a"))
-    await asyncio.sleep(0.01)
+    while not remote.batches:
+        await asyncio.sleep(0)
     for task in list(batcher._inflight):  # e.g. Ray cancelling the hop
         task.cancel()
     with pytest.raises(ConnectionError):
