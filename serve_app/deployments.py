@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 
 from .cache import CacheLookup, TieredCache
 from .costs import CostBook
-from .dspy_speedups import memoize_model_metadata, size_connection_pool
+from . import dspy_speedups
 from .metrics import Counters, RaySink
 from .config import AppArgs, CacheConfig, ModelConfig, ProgramRelease, TrafficWeights
 from .keys import KeyRing
@@ -57,6 +57,10 @@ class Cache:
     async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
         return await self.core.set_many(items)
 
+    async def exchange(self, keys: list[str], items: list[tuple[str, dict[str, Any], float | None]]
+                       ) -> tuple[list[CacheLookup | None], list[bool]]:
+        return await self.core.exchange(keys, items)
+
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
@@ -77,8 +81,7 @@ class Predictor:
 
     def __init__(self, model: ModelConfig, variant: str = "default") -> None:
         self._log_flusher = setup_replica_logging(_env_values([model.lm.api_key_env] if model.lm.api_key_env else []))
-        memoize_model_metadata()
-        size_connection_pool(model.lm.max_connections)
+        dspy_speedups.install(model.lm.max_connections)
         self.variant = variant
         self.core = PredictorCore(model, counters=Counters(sink=RaySink()))
 
@@ -183,6 +186,10 @@ class HandleCache:
 
     async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
         return await self._h.set_many.remote(items)
+
+    async def exchange(self, keys: list[str], items: list[tuple[str, dict[str, Any], float | None]]
+                       ) -> tuple[list[CacheLookup | None], list[bool]]:
+        return await self._h.exchange.remote(keys, items)
 
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()

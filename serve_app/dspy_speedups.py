@@ -19,18 +19,46 @@ than 100 concurrent calls (``max_ongoing_requests``) then queues the rest inside
 the process size its pool to ``n`` (``lm.max_connections``, default 256); a config that sets
 its own ``max_connections`` or ``transport`` is left alone. The last call wins; if DSPy's
 layout differs, nothing is patched.
+
+Three more, measured with ``python -m benchmarks.predictor_cpu`` (CPU per LM call of one
+``PredictorCore`` against the simulator, no Ray; figures in the README):
+
+``cache_json_adapters()``: DSPy's ``serialize_for_json`` builds a pydantic ``TypeAdapter`` (a
+schema and a validator) for every input value it formats, four per call of a one-input
+program. This keeps one adapter per type (at most 256 types); values, results and the
+fallback to ``str`` are unchanged.
+
+``memoize_proxy_routes()``: lm15 resolves the HTTP proxy for every LM request by reading the
+whole environment (``urllib.request.getproxies``). The environment of a replica does not
+change while it runs, so the answer per target (scheme, host, port) and proxy setting is kept
+(at most 256 targets). A proxy variable changed afterwards is seen by new replicas only.
+
+``inline_warm_offloads()``: an LM call makes four ``asyncio.to_thread`` hops (request
+preparation, provider lookup, pricing, capability planning) so that a first call that loads
+credentials or metadata cannot block the event loop. After a function's first call has
+completed in a thread (the loading is done), its later calls run inline in a copy of the
+context, as ``to_thread`` would have run them: a thread hop costs more CPU than the work.
+Only those four DSPy functions are affected; every other ``to_thread`` call in the process goes
+to the thread pool as before. Left on the thread pool: credential refreshes that make network
+calls (lm15 offloads those itself), DSPy's disk cache (off in replicas).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import copy
 import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
-__all__ = ["memoize_model_metadata", "size_connection_pool"]
+__all__ = ["cache_json_adapters", "inline_warm_offloads", "install", "memoize_model_metadata",
+           "memoize_proxy_routes", "size_connection_pool"]
+
+_T = TypeVar("_T")
+_MEMO_MAX = 256
 
 _MODULES = ("dspy.clients.model_metadata", "dspy.clients.costs", "dspy.clients.capabilities")
 
@@ -93,3 +121,130 @@ def size_connection_pool(max_connections: int) -> bool:
     _init_routing.__serve_app_pool__ = max_connections  # type: ignore[attr-defined]
     routing._init_routing = _init_routing
     return True
+
+
+def cache_json_adapters() -> bool:
+    """One pydantic ``TypeAdapter`` per type in DSPy's ``serialize_for_json``; True when installed."""
+    try:
+        from pydantic import TypeAdapter
+
+        utils = importlib.import_module("dspy.adapters.utils")
+        current = utils.serialize_for_json
+    except (ImportError, AttributeError):
+        return False
+    if getattr(current, "__serve_app_memo__", False):
+        return True
+    @functools.lru_cache(maxsize=_MEMO_MAX)
+    def adapter(kind: Any) -> Any:
+        return TypeAdapter(kind)
+
+    @functools.wraps(current)
+    def serialize_for_json(value: Any) -> Any:
+        try:
+            return adapter(cast(Any, type(value))).dump_python(value, mode="json", fallback=str)
+        except Exception:  # noqa: BLE001 - DSPy's own fallback: the value's string form
+            return str(value)
+
+    serialize_for_json.__serve_app_memo__ = True  # type: ignore[attr-defined]
+    for name in ("dspy.adapters.utils", "dspy.adapters.json_adapter", "dspy.adapters.xml_adapter",
+                 "dspy.primitives.repl_types"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "serialize_for_json", None) is current:
+            setattr(module, "serialize_for_json", serialize_for_json)  # noqa: B010 - mypy: a module's attribute
+    return True
+
+
+def _memo_routes(current: Callable[..., Any]) -> Callable[..., Any]:
+    memo: dict[tuple[Any, ...], Any] = {}
+
+    @functools.wraps(current)
+    def proxy_route_for(parsed: Any, *, proxy: str | None, trust_env: bool) -> Any:
+        key = (parsed.scheme, parsed.host, parsed.port, proxy, trust_env)
+        try:
+            return memo[key]
+        except KeyError:
+            route = current(parsed, proxy=proxy, trust_env=trust_env)
+            if len(memo) < _MEMO_MAX:  # bounded: past it, every lookup is DSPy's own
+                memo[key] = route
+            return route
+        except TypeError:  # an unhashable part: ask the original
+            return current(parsed, proxy=proxy, trust_env=trust_env)
+
+    proxy_route_for.__serve_app_memo__ = True  # type: ignore[attr-defined]
+    return proxy_route_for
+
+
+def memoize_proxy_routes() -> bool:
+    """lm15's proxy resolution, kept per target; True when installed."""
+    try:
+        source = importlib.import_module("dspy._vendor.lm15.transports._proxy")
+        current = source.proxy_route_for
+    except (ImportError, AttributeError):
+        return False
+    if getattr(current, "__serve_app_memo__", False):
+        return True
+    memo = _memo_routes(current)
+    for name in ("dspy._vendor.lm15.transports._proxy", "dspy._vendor.lm15.transports._async",
+                 "dspy._vendor.lm15.transports._sync"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "proxy_route_for", None) is current:
+            setattr(module, "proxy_route_for", memo)  # noqa: B010 - mypy: a module's attribute
+    return True
+
+
+# DSPy 3.4's own offloads that only load something on their first call (module, qualname).
+WARM_OFFLOADS = frozenset({
+    ("dspy.clients.execution", "prepare"),
+    ("dspy.clients.execution", "_price_result"),
+    ("dspy.clients.execution", "_price_legacy"),
+    ("dspy.clients.capabilities", "capabilities"),
+    ("dspy.clients.engines.lm15_engine", "_Routing._target"),
+})
+
+
+def _offload_name(func: Any) -> tuple[str, str]:
+    target = getattr(func, "__func__", func)  # a bound method's function
+    return getattr(target, "__module__", "") or "", getattr(target, "__qualname__", "") or ""
+
+
+def inline_warm_offloads(names: frozenset[tuple[str, str]] = WARM_OFFLOADS) -> bool:
+    """Run ``names``' ``asyncio.to_thread`` calls inline once each has completed one; True when installed.
+
+    ``asyncio.to_thread`` is wrapped for the process; the wrapper passes every other function
+    to the original untouched.
+    """
+    current = asyncio.to_thread
+    original = getattr(current, "__serve_app_original__", current)
+    warm: set[tuple[str, str]] = set()
+
+    async def to_thread(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        name = _offload_name(func)
+        if name in warm:
+            return contextvars.copy_context().run(func, *args, **kwargs)
+        result = await original(func, *args, **kwargs)
+        if name in names:
+            warm.add(name)
+        return result
+
+    functools.update_wrapper(to_thread, cast(Callable[..., Any], original))
+    to_thread.__serve_app_original__ = original  # type: ignore[attr-defined]
+    to_thread.__serve_app_warm__ = warm  # type: ignore[attr-defined]
+    asyncio.to_thread = to_thread  # type: ignore[assignment]
+    return True
+
+
+def install(max_connections: int) -> dict[str, bool]:
+    """Every speed-up above, for a predictor replica; which ones took (by name)."""
+    return {
+        "memoize_model_metadata": memoize_model_metadata(),
+        "size_connection_pool": size_connection_pool(max_connections),
+        "cache_json_adapters": cache_json_adapters(),
+        "memoize_proxy_routes": memoize_proxy_routes(),
+        "inline_warm_offloads": inline_warm_offloads(),
+    }

@@ -107,6 +107,21 @@ async def test_qa_prediction(sim_lm: SimLM) -> None:
     json.dumps(payload)  # plain JSON-safe data, ready for a handle and a cache
 
 
+async def test_one_predictor_needs_no_dspy_callback(sim_lm: SimLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-predictor program gets its per-module usage from the totals: DSPy's callback
+    machinery (argument inspection on every module, adapter and LM call) is not paid."""
+    import serve_app.predictor as predictor_module
+
+    def no_callback(*_: object) -> None:
+        raise AssertionError("a one-predictor program built a ModuleUsage callback")
+
+    monkeypatch.setattr(predictor_module, "ModuleUsage", no_callback)
+    payload = await make_core(sim_lm).predict({"question": "one predictor"})
+    tin, tout = sim_lm.usage_log[0]
+    assert payload["usage"]["by_module"] == {"predict": {"input_tokens": tin, "output_tokens": tout, "calls": 1,
+                                                         "cost_usd": None}}
+
+
 async def test_classifier_prediction_has_typed_outputs(sim_lm: SimLM) -> None:
     core = make_core(sim_lm, model_config("classify", "serve_app.examples:build_classifier", CLASSIFY_STATE))
     payload = await core.predict({"text": "I love how fast this is."})
