@@ -168,13 +168,6 @@ class TieredCache:
         """``set`` for each ``(key, value, ttl_s)``, in order."""
         return [await self.set(key, value, ttl_s) for key, value, ttl_s in items]
 
-    async def exchange(
-        self, keys: Sequence[str], items: Sequence[tuple[str, dict[str, Any], float | None]]
-    ) -> tuple[list[CacheLookup | None], list[bool]]:
-        """``set_many(items)`` then ``get_many(keys)``: one router call carries both."""
-        stored = await self.set_many(items)
-        return await self.get_many(keys), stored
-
     async def drain(self) -> None:
         """Wait for background writes (tests and shutdown)."""
         while self._pending:

@@ -227,13 +227,6 @@ class CacheConfig(Frozen):
             "Off the response path: the near cache has the answer at once."
         ),
     )
-    carry_writes: bool = Field(
-        default=True,
-        description=(
-            "Write-backs waiting for their window ride with the router's next lookup call to the "
-            "Cache deployment instead of making a call of their own."
-        ),
-    )
 
 
 class LimitsConfig(Frozen):
@@ -303,7 +296,7 @@ class AppArgs(Frozen):
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
                         "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s",
-                        "hop_batch_max", "write_batch_s", "carry_writes")
+                        "hop_batch_max", "write_batch_s")
         def lm_view(lm: LMConfig) -> dict[str, Any]:
             return {f: getattr(lm, f) for f in lm_fields}
 

@@ -57,10 +57,6 @@ class Cache:
     async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
         return await self.core.set_many(items)
 
-    async def exchange(self, keys: list[str], items: list[tuple[str, dict[str, Any], float | None]]
-                       ) -> tuple[list[CacheLookup | None], list[bool]]:
-        return await self.core.exchange(keys, items)
-
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
@@ -186,10 +182,6 @@ class HandleCache:
 
     async def set_many(self, items: list[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
         return await self._h.set_many.remote(items)
-
-    async def exchange(self, keys: list[str], items: list[tuple[str, dict[str, Any], float | None]]
-                       ) -> tuple[list[CacheLookup | None], list[bool]]:
-        return await self._h.exchange.remote(keys, items)
 
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()

@@ -80,23 +80,32 @@ def _memoized(original: Callable[..., Any]) -> Callable[..., Any]:
     return model_info
 
 
-def memoize_model_metadata() -> bool:
-    """Install the memo; True when ``model_info`` is memoized in every module using it."""
-    try:
-        source = importlib.import_module(_MODULES[0])
-        original = source.model_info
-    except (ImportError, AttributeError):
-        return False
-    if getattr(original, "__serve_app_memo__", False):
-        return True
-    memo = _memoized(original)
-    for name in _MODULES:
+def _swap(attr: str, current: Any, replacement: Any, modules: tuple[str, ...]) -> None:
+    """Point ``attr`` at ``replacement`` in each of ``modules`` that imported ``current`` by name."""
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ImportError:
             continue
-        if getattr(module, "model_info", None) is original:
-            module.model_info = memo
+        if getattr(module, attr, None) is current:
+            setattr(module, attr, replacement)
+
+
+def _installed(module_name: str, attr: str) -> Any:
+    """DSPy's ``attr`` of ``module_name``: None when DSPy's layout differs, True when already ours."""
+    try:
+        current = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+    return True if getattr(current, "__serve_app_memo__", False) else current
+
+
+def memoize_model_metadata() -> bool:
+    """Install the memo; True when ``model_info`` is memoized in every module using it."""
+    current = _installed(_MODULES[0], "model_info")
+    if current is None or current is True:
+        return current is True
+    _swap("model_info", current, _memoized(current), _MODULES)
     return True
 
 
@@ -125,15 +134,12 @@ def size_connection_pool(max_connections: int) -> bool:
 
 def cache_json_adapters() -> bool:
     """One pydantic ``TypeAdapter`` per type in DSPy's ``serialize_for_json``; True when installed."""
-    try:
-        from pydantic import TypeAdapter
+    from pydantic import TypeAdapter
 
-        utils = importlib.import_module("dspy.adapters.utils")
-        current = utils.serialize_for_json
-    except (ImportError, AttributeError):
-        return False
-    if getattr(current, "__serve_app_memo__", False):
-        return True
+    current = _installed("dspy.adapters.utils", "serialize_for_json")
+    if current is None or current is True:
+        return current is True
+
     @functools.lru_cache(maxsize=_MEMO_MAX)
     def adapter(kind: Any) -> Any:
         return TypeAdapter(kind)
@@ -146,14 +152,9 @@ def cache_json_adapters() -> bool:
             return str(value)
 
     serialize_for_json.__serve_app_memo__ = True  # type: ignore[attr-defined]
-    for name in ("dspy.adapters.utils", "dspy.adapters.json_adapter", "dspy.adapters.xml_adapter",
-                 "dspy.primitives.repl_types"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(module, "serialize_for_json", None) is current:
-            setattr(module, "serialize_for_json", serialize_for_json)  # noqa: B010 - mypy: a module's attribute
+    _swap("serialize_for_json", current, serialize_for_json,
+          ("dspy.adapters.utils", "dspy.adapters.json_adapter", "dspy.adapters.xml_adapter",
+           "dspy.primitives.repl_types"))
     return True
 
 
@@ -179,22 +180,12 @@ def _memo_routes(current: Callable[..., Any]) -> Callable[..., Any]:
 
 def memoize_proxy_routes() -> bool:
     """lm15's proxy resolution, kept per target; True when installed."""
-    try:
-        source = importlib.import_module("dspy._vendor.lm15.transports._proxy")
-        current = source.proxy_route_for
-    except (ImportError, AttributeError):
-        return False
-    if getattr(current, "__serve_app_memo__", False):
-        return True
-    memo = _memo_routes(current)
-    for name in ("dspy._vendor.lm15.transports._proxy", "dspy._vendor.lm15.transports._async",
-                 "dspy._vendor.lm15.transports._sync"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if getattr(module, "proxy_route_for", None) is current:
-            setattr(module, "proxy_route_for", memo)  # noqa: B010 - mypy: a module's attribute
+    current = _installed("dspy._vendor.lm15.transports._proxy", "proxy_route_for")
+    if current is None or current is True:
+        return current is True
+    _swap("proxy_route_for", current, _memo_routes(current),
+          ("dspy._vendor.lm15.transports._proxy", "dspy._vendor.lm15.transports._async",
+           "dspy._vendor.lm15.transports._sync"))
     return True
 
 

@@ -16,10 +16,7 @@ Contract of ``HopBatcher(send_many, window_s=..., max_batch=...)``:
 - a caller that stops waiting (timeout, cancellation) does not cancel the batch, so it fails
   none of the others; the batch runs in the context ``context()`` gives (the router passes
   one unlinked from the first caller's request, as for coalesced flights);
-- ``flush()`` sends what is queued now and waits for every batch in flight (shutdown, tests);
-- ``take(n)`` hands up to ``n`` queued items to another call that carries them (the router
-  sends its queued write-backs with its next lookup batch); that call must answer them with
-  ``settle`` or ``fail``.
+- ``flush()`` sends what is queued now and waits for every batch in flight (shutdown, tests).
 """
 
 from __future__ import annotations
@@ -29,7 +26,7 @@ import contextvars
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-__all__ = ["HopBatcher", "fail", "settle"]
+__all__ = ["HopBatcher"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -40,24 +37,6 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
     # "exception was never retrieved".
     if not fut.cancelled():
         fut.exception()
-
-
-def settle(batch: Sequence[tuple[Any, asyncio.Future[R]]], results: Sequence[R]) -> None:
-    """Answer each caller of ``batch`` with its result, in order."""
-    if len(results) != len(batch):
-        fail(batch, RuntimeError(f"batch of {len(batch)} answered with {len(results)} results"))
-        return
-    for (_, fut), result in zip(batch, results):
-        if not fut.done():
-            fut.set_result(result)
-
-
-def fail(batch: Sequence[tuple[Any, asyncio.Future[Any]]], exc: BaseException) -> None:
-    """Fail each caller of ``batch``; a cancelled batch is a failed hop, not their cancellation."""
-    err = ConnectionError("batched call cancelled") if isinstance(exc, asyncio.CancelledError) else exc
-    for _, fut in batch:
-        if not fut.done():
-            fut.set_exception(err)
 
 
 class HopBatcher(Generic[T, R]):
@@ -114,20 +93,20 @@ class HopBatcher(Generic[T, R]):
         try:
             async with asyncio.timeout(self._timeout_s):
                 results = await self._send_many([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} answered with {len(results)} results")
         except BaseException as exc:
-            fail(batch, exc)
+            # A cancelled batch is a failed hop for its callers, not their own cancellation.
+            err = ConnectionError("batched call cancelled") if isinstance(exc, asyncio.CancelledError) else exc
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        settle(batch, results)
-
-    def take(self, n: int) -> list[tuple[T, asyncio.Future[R]]]:
-        """Up to ``n`` queued items, oldest first, for another call to carry (see module doc)."""
-        taken, self._queue = self._queue[:n], self._queue[n:]
-        if not self._queue and self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        return taken
+        for (_, fut), result in zip(batch, results):
+            if not fut.done():
+                fut.set_result(result)
 
     async def flush(self) -> None:
         """Send what is queued and wait for every batch in flight; never raises."""

@@ -12,9 +12,8 @@ Contract of ``RouterCore.predict(request, request_id)``:
   failing cache, or a value that is not a prediction, is a miss plus a counter, never a
   failed request;
 - lookups made in the same event-loop turn travel as one ``get_many`` call, and write-backs
-  gathered for ``cache.write_batch_s`` as one ``set_many`` call (``serve_app.hop_batch``),
-  unless a lookup call leaves first: write-backs then ride with it (``exchange``). Under load
-  a hop per request cost more CPU than the rest of the router;
+  gathered for ``cache.write_batch_s`` as one ``set_many`` call (``serve_app.hop_batch``):
+  under load a hop per request cost more CPU than the rest of the router;
 - identical concurrent misses share one predictor call (``SingleFlight``);
 - a successful prediction is written back after the waiters are answered, under the key of
   the program version that actually answered; errors are never cached;
@@ -39,30 +38,21 @@ from typing import Any, Protocol
 
 from .budget import Reservation
 from .cache import CacheLookup, MemoryTier, cache_key
-from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
 from .directory import ModelDirectory
-from .errors import (
-    CircuitOpen,
-    Overloaded,
-    ServeAppError,
-    UnknownModel,
-    UpstreamError,
-    UpstreamTimeout,
-)
-from .hop_batch import HopBatcher
-from .hop_batch import fail as hop_fail
-from .hop_batch import settle as hop_settle
+from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
+from .errors import CircuitOpen, Overloaded, ServeAppError, UnknownModel, UpstreamError, UpstreamTimeout
 from .keys import KeyRing
-from .logs import log_prediction
 from .metrics import Counters
 from .policy import OPEN_DOOR, Admission, TrafficPolicy
 from .policy_store import PolicyStore
 from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
 from .schemas import CacheStatus, PredictRequest
+from .logs import log_prediction
+from .hop_batch import HopBatcher
 from .singleflight import SingleFlight
 from .usage_queue import UsageQueue
 
-__all__ = ["DEFAULT_VARIANT", "CacheClient", "PredictOutcome", "PredictorClient", "RouterCore"]
+__all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
 _FREE: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
 
 # Failures of a model that another model can cover (all retryable, none the client's fault).
@@ -82,8 +72,6 @@ CacheWrite = tuple[str, dict[str, Any], "float | None"]
 class CacheClient(Protocol):
     async def get_many(self, keys: list[str]) -> list[CacheLookup | None]: ...
     async def set_many(self, items: list[CacheWrite]) -> list[bool]: ...
-    async def exchange(self, keys: list[str], items: list[CacheWrite]
-                       ) -> tuple[list[CacheLookup | None], list[bool]]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def record_usage_many(self, records: list[dict[str, Any]]) -> None: ...
     async def cost_report(self) -> dict[str, Any]: ...
@@ -147,7 +135,7 @@ class RouterCore:
         self._reads: HopBatcher[str, CacheLookup | None] | None = None
         self._writes: HopBatcher[CacheWrite, bool] | None = None
         if self._cache is not None:
-            self._reads = HopBatcher(self._lookup, max_batch=batch_max, timeout_s=args.cache.hop_timeout_s,
+            self._reads = HopBatcher(self._cache.get_many, max_batch=batch_max, timeout_s=args.cache.hop_timeout_s,
                                      context=flight_context, on_batch=self._batch_counter("get"))
             self._writes = HopBatcher(self._cache.set_many, window_s=args.cache.write_batch_s, max_batch=batch_max,
                                       timeout_s=args.cache.hop_timeout_s, context=flight_context,
@@ -381,25 +369,6 @@ class RouterCore:
             self.counters.inc("cache_hops", op=op)
             self.counters.inc("cache_hop_items", float(size), op=op)
         return count
-
-    async def _lookup(self, keys: list[str]) -> list[CacheLookup | None]:
-        """One lookup hop; write-backs waiting for their window ride along (sent first), so
-        under steady traffic a write costs no hop of its own. Runs inside the read batch's
-        bound (``cache.hop_timeout_s``); a failed hop fails its riders too (a skipped write)."""
-        assert self._cache is not None and self._writes is not None
-        batch_max = self.args.cache.hop_batch_max
-        riders = self._writes.take(batch_max) if batch_max > 1 and self.args.cache.carry_writes else []
-        if not riders:
-            return await self._cache.get_many(keys)
-        self.counters.inc("cache_hop_items", float(len(riders)), op="set")
-        self.counters.inc("cache_writes_carried", float(len(riders)))
-        try:
-            found, stored = await self._cache.exchange(keys, [item for item, _ in riders])
-        except BaseException as exc:
-            hop_fail(riders, exc)
-            raise
-        hop_settle(riders, stored)
-        return found
 
     async def _cache_get(self, key: str) -> CacheLookup | None:
         assert self._reads is not None

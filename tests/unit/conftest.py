@@ -165,7 +165,6 @@ class FakeCache:
         self.set_calls: list[tuple[str, dict[str, Any], float | None]] = []
         self.get_batches: list[int] = []  # keys per get_many call (one hop each)
         self.set_batches: list[int] = []
-        self.exchanges: list[tuple[int, int]] = []  # (keys, write-backs) per exchange call
         self.fail_with: BaseException | None = None
         self.hang: asyncio.Event | None = None  # get/set/stats wait on it when set
         self.stats_fail_with: BaseException | None = None
@@ -190,18 +189,6 @@ class FakeCache:
         for key, value, _ in items:
             self.data[key] = copy.deepcopy(value)
         return [True] * len(items)
-
-    async def exchange(self, keys: list[str], items: list[tuple[str, dict[str, Any], float | None]]
-                       ) -> tuple[list[CacheLookup | None], list[bool]]:
-        self.exchanges.append((len(keys), len(items)))
-        self.get_calls += keys
-        self.set_calls += [(key, copy.deepcopy(value), ttl_s) for key, value, ttl_s in items]
-        await self._maybe_misbehave()
-        for key, value, _ in items:
-            self.data[key] = copy.deepcopy(value)
-        values = [self.data.get(key) for key in keys]
-        return ([None if v is None else CacheLookup(value=copy.deepcopy(v), tier=self.tier) for v in values],
-                [True] * len(items))
 
     async def stats(self) -> dict[str, Any]:
         if self.stats_fail_with is not None:

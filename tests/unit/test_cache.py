@@ -306,14 +306,6 @@ async def test_many_at_once_answers_each_key_in_order_from_its_tier(fake_redis: 
     assert await cache.get_many([]) == []
 
 
-async def test_exchange_writes_first_then_looks_up(fake_redis: FakeRedis, clock: FakeClock) -> None:
-    cache = tiered(fake_redis, clock)
-    found, stored = await cache.exchange(["svc:new", "svc:none"], [("svc:new", VALUE, None)])
-    assert stored == [True]
-    assert found == [{"value": VALUE, "tier": "memory"}, None]  # a key written in the same call is found
-    assert await cache.exchange([], []) == ([], [])
-
-
 async def test_too_large_value_is_not_stored(fake_redis: FakeRedis, clock: FakeClock) -> None:
     cache = tiered(fake_redis, clock)
     big = {**VALUE, "outputs": {"answer": "x" * 2_000}}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from serve_app.hop_batch import HopBatcher, fail, settle
+from serve_app.hop_batch import HopBatcher
 
 
 class Remote:
@@ -157,35 +157,3 @@ async def test_the_batch_runs_in_the_context_the_factory_makes() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError):
         HopBatcher(Remote(), max_batch=0)
-
-
-async def test_take_hands_queued_items_to_another_call() -> None:
-    sent: list[list[int]] = []
-
-    async def send_many(items: list[int]) -> list[int]:
-        sent.append(items)
-        return [i * 10 for i in items]
-
-    batcher: HopBatcher[int, int] = HopBatcher(send_many, window_s=10.0)
-    calls = [asyncio.ensure_future(batcher.call(i)) for i in range(3)]
-    await asyncio.sleep(0)
-    taken = batcher.take(2)
-    assert [item for item, _ in taken] == [0, 1] and len(batcher) == 1
-    settle(taken, [100, 101])
-    assert await calls[0] == 100 and await calls[1] == 101
-    rest = batcher.take(5)
-    assert [item for item, _ in rest] == [2] and len(batcher) == 0
-    fail(rest, asyncio.CancelledError())
-    with pytest.raises(ConnectionError):
-        await calls[2]
-    await batcher.flush()
-    assert sent == []  # the window's timer went with the last queued item
-
-
-async def test_settle_with_a_short_answer_fails_the_callers() -> None:
-    loop = asyncio.get_running_loop()
-    batch = [(i, loop.create_future()) for i in range(2)]
-    settle(batch, [1])
-    for _, fut in batch:
-        with pytest.raises(RuntimeError, match="batch of 2 answered with 1"):
-            fut.result()

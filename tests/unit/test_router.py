@@ -253,46 +253,6 @@ async def test_a_write_back_waits_at_most_the_write_window(fake_predictor: FakeP
     assert (await ask(core)).headers["X-Cache"] == "HIT-MEMORY" and fake_cache.get_batches == [1]
 
 
-async def test_queued_write_backs_ride_with_the_next_lookup(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
-    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"write_batch_s": 0.5}))
-    await asyncio.gather(*(ask(core, {"question": f"q{i}"}) for i in range(5)))  # 5 write-backs queued
-    assert fake_cache.set_calls == [] and fake_cache.exchanges == []
-    out = await ask(core, {"question": "another"})  # its lookup carries them: no hop of their own
-    assert out.headers["X-Cache"] == "MISS"
-    assert fake_cache.exchanges == [(1, 5)] and fake_cache.set_batches == []
-    assert {key for key, _, _ in fake_cache.set_calls} == {k for k in fake_cache.data}
-    assert core.counters.get("cache_writes_carried") == 5 and core.counters.get("cache_hop_items", op="set") == 5
-    assert core.counters.get("cache_hops", op="set") == 0
-    await core.drain()  # "another" rides nothing: it goes in its own window
-    assert fake_cache.set_batches == [1] and len(fake_cache.data) == 6
-
-
-async def test_a_failed_exchange_is_a_miss_and_a_skipped_write(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
-    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"write_batch_s": 0.5}))
-    await ask(core, {"question": "first"})
-    fake_cache.fail_with = ConnectionError("cache down")
-    out = await ask(core, {"question": "second"})
-    assert out.headers["X-Cache"] == "MISS" and out.body["outputs"] == fake_outputs({"question": "second"})
-    assert fake_cache.exchanges == [(1, 1)]
-    assert core.counters.get("cache_client_errors", op="get") == 1
-    fake_cache.fail_with = None
-    await core.drain()
-    assert core.counters.get("cache_client_errors", op="set") == 1  # "first": its ride failed, not retried
-    assert set(fake_cache.data) == {k for k, _, _ in fake_cache.set_calls[-1:]}  # "second" was written
-
-
-@pytest.mark.parametrize("cache", [{"hop_batch_max": 1}, {"carry_writes": False}])
-async def test_carrying_writes_can_be_turned_off(
-    fake_predictor: FakePredictor, fake_cache: FakeCache, cache: dict[str, Any]
-) -> None:
-    core = core_with({"qa": fake_predictor}, fake_cache, args=app_args(cache={"write_batch_s": 0.5, **cache}))
-    await ask(core, {"question": "first"})
-    await ask(core, {"question": "second"})
-    assert fake_cache.exchanges == [] and fake_cache.get_batches == [1, 1]
-    await core.drain()
-    assert sum(fake_cache.set_batches) == 2
-
-
 async def test_two_hundred_identical_cold_requests_make_one_call(
     core: RouterCore, fake_predictor: FakePredictor, fake_cache: FakeCache
 ) -> None:
