@@ -225,7 +225,7 @@ def _middleware(core: RouterCore) -> list[Middleware]:
                            core.args.policy.session_header],
             expose_headers=["X-Request-ID", "X-Cache", "X-Model-Variant", "X-Cost-USD", "X-Response-Time",
                             "X-Degraded", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
-                            "Retry-After"],
+                            "Retry-After", "Server-Timing"],
             max_age=600,
         ))
     if cfg.gzip_min_bytes is not None:

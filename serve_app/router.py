@@ -225,7 +225,8 @@ class RouterCore:
                 while True:
                     served, variant = plan[i]
                     try:
-                        payload, status, shared = await self._predict(served, variant, request, admission)
+                        timing: dict[str, float] = {}
+                        payload, status, shared = await self._predict(served, variant, request, admission, timing)
                         break
                     except ServeAppError as exc:
                         if isinstance(exc, CircuitOpen):
@@ -272,6 +273,10 @@ class RouterCore:
             headers["X-Degraded"] = f"fallback={served.name}"
         if shared:
             headers["X-Coalesced"] = "true"
+        if not cached:
+            timing["program"] = float(payload.get("latency_ms") or 0.0)
+        timing["total"] = latency_ms
+        headers["Server-Timing"] = ", ".join(f"{name};dur={ms:.1f}" for name, ms in timing.items())
         log_prediction(request_id=request_id, model=model.name, variant=variant.name, outcome=outcome,
                        served_by=served.name, cache=status, input_tokens=usage["input_tokens"],
                        output_tokens=usage["output_tokens"], cost_usd=cost, latency_ms=latency_ms,
@@ -287,21 +292,29 @@ class RouterCore:
         return isinstance(exc, _FALLBACK_ON)
 
     async def _predict(
-        self, model: ModelConfig, variant: Variant, request: PredictRequest, admission: Admission
+        self, model: ModelConfig, variant: Variant, request: PredictRequest, admission: Admission,
+        timing: dict[str, float],
     ) -> tuple[PredictionPayload, CacheStatus, bool]:
-        """``(payload, X-Cache status, shared)``; ``shared`` marks a coalesced follower."""
+        """``(payload, X-Cache status, shared)``; ``shared`` marks a coalesced follower.
+        ``timing`` gets the milliseconds of the Cache deployment lookup (``cache``) and of the
+        predictor call as the router waited for it (``predictor``), when they happen."""
         info = await self.model_info(variant.deployment)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
             self._short_circuit(model, variant, None)
             reservation = await self.policy.reserve(model, variant, admission)
-            return await self._paid_call(model, variant, request.inputs, reservation, admission), "BYPASS", False
+            t0 = self._clock()
+            payload = await self._paid_call(model, variant, request.inputs, reservation, admission)
+            timing["predictor"] = (self._clock() - t0) * 1000.0
+            return payload, "BYPASS", False
         key = self._key(model, variant, info["program_version"], request.inputs)
         near = self._near.get(key)
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
             return near, "HIT-MEMORY", False
+        t0 = self._clock()
         hit = await self._cache_get(key)
+        timing["cache"] = (self._clock() - t0) * 1000.0
         if hit is not None and _is_payload(hit.get("value")):
             self._near.set(key, hit["value"], model.cache_ttl_s)
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
@@ -322,6 +335,7 @@ class RouterCore:
             # A flight started while we reserved: we will follow it and pay nothing.
             self._spawn(self.policy.release(reservation))
             reservation = None
+        t0 = self._clock()
         payload, shared = await self._flight.do(
             key,
             lambda: self._paid_call(model, variant, request.inputs, reservation, admission),
@@ -330,6 +344,7 @@ class RouterCore:
             then=lambda p: self._cache_set(self._key(model, variant, p["program_version"], request.inputs), dict(p),
                                            model.cache_ttl_s),
         )
+        timing["predictor"] = (self._clock() - t0) * 1000.0
         return payload, "MISS", shared
 
     def _short_circuit(self, model: ModelConfig, variant: Variant, key: str | None) -> None:

@@ -379,8 +379,28 @@ async def test_latency_and_headers(fake_predictor: FakePredictor, fake_cache: Fa
     out = await ask(core)
     assert out.body["latency_ms"] == 250.0
     assert out.headers == {"X-Cache": "MISS", "X-Model-Variant": "default", "X-Response-Time": "250.0ms",
-                           "X-Cost-USD": out.headers["X-Cost-USD"]}
+                           "X-Cost-USD": out.headers["X-Cost-USD"],
+                           "Server-Timing": "cache;dur=0.0, predictor;dur=250.0, program;dur=12.5, "
+                                            "total;dur=250.0"}
     assert out.body["variant"] == "default"
+
+
+async def test_server_timing_names_the_parts_each_answer_took(
+    fake_predictor: FakePredictor, fake_cache: FakeCache
+) -> None:
+    clock = FakeClock()
+    fake_predictor.on_predict = lambda: clock.advance(0.25)
+    core = core_with({"qa": fake_predictor}, fake_cache, clock=clock, args=app_args(cache=NO_NEAR))
+    miss = await ask(core)
+    assert [part.split(";")[0] for part in miss.headers["Server-Timing"].split(", ")] == [
+        "cache", "predictor", "program", "total"]
+    await core.drain()
+    hit = await ask(core)  # from the Cache deployment: no predictor, no program
+    assert hit.headers["X-Cache"] == "HIT-MEMORY"
+    assert hit.headers["Server-Timing"] == "cache;dur=0.0, total;dur=0.0"
+    bypass = await ask(core, {"question": "fresh"}, cache=False)
+    assert [part.split(";")[0] for part in bypass.headers["Server-Timing"].split(", ")] == [
+        "predictor", "program", "total"]
 
 
 async def test_foreign_cached_value_is_a_miss(fake_predictor: FakePredictor, fake_cache: FakeCache) -> None:
