@@ -150,6 +150,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Cfg]:
     p.add_argument("--router-replicas", type=int, default=1, help="ours: Router replicas (default 1)")
     p.add_argument("--qa-replicas", type=int, default=1,
                    help="ours: replicas of the qa and qa1s predictors, pinned (default 1)")
+    p.add_argument("--rerender", action="store_true",
+                   help="rewrite --out's perf.md from its perf.json (a report change); runs nothing")
     a = p.parse_args(argv)
     if a.router_replicas < 1 or a.qa_replicas < 1:
         p.error("--router-replicas and --qa-replicas must be >= 1")
@@ -824,6 +826,28 @@ def zipf_slo_row(ours: dict[str, Any] | None, target: float) -> dict[str, Any] |
     return max(rows, key=lambda r: r["rate"]) if rows else None
 
 
+def noisy_phases(systems: dict[str, Any], threshold: float = 0.10) -> list[tuple[str, str, float]]:
+    """``(system, phase path, steal)`` for every recorded phase whose host CPU steal was over
+    ``threshold``: a result there measures the shared host as much as the code."""
+    out: list[tuple[str, str, float]] = []
+
+    def walk(node: Any, system: str, path: str) -> None:
+        if isinstance(node, dict):
+            steal = node.get("machine_steal_frac")
+            if isinstance(steal, (int, float)) and steal > threshold:
+                out.append((system, path, float(steal)))
+            for key, value in node.items():
+                walk(value, system, f"{path}/{key}" if path else str(key))
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                label = value.get("rate") if isinstance(value, dict) and "rate" in value else i
+                walk(value, system, f"{path}[{label}]")
+
+    for name, data in systems.items():
+        walk(data, name, "")
+    return out
+
+
 def build_targets(systems: dict[str, Any], cfg: Cfg) -> list[dict[str, Any]]:
     ours = systems.get("ours")
     p1, p2 = systems.get("peer-1w"), systems.get("peer-2w")
@@ -1107,6 +1131,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["## Targets (ratios against the peer in this run)", "", markdown_table(
         [("Target", "target"), ("Ours", "ours"), ("Reference (peer, or limit)", "reference"), ("Ratio", "ratio"), ("Goal", "goal"),
          ("Result", "result"), ("Conditions", "conditions")], result["targets"]), ""]
+    noisy = noisy_phases(systems)
+    lines += [("Phases with more than 10 % host CPU steal (a result from them measures the shared host as much "
+               "as the code): " + "; ".join(f"{sys_} {path} {100 * steal:.0f} %" for sys_, path, steal in noisy) + ".")
+              if noisy else "No phase had more than 10 % host CPU steal.", ""]
     lines += ["## SLO report (seeds' targets: p95 < 500 ms, p99 < 1 s, errors < 0.1 %, > 100 req/s)", "", markdown_table(
         [("System", "system"), ("Condition", "condition"), ("p95 ms", "p95"), ("p99 ms", "p99"), ("Errors %", "err"),
          ("Throughput req/s", "rps"), ("Checks", "checks"), ("Result", "result")], result["slo"]), ""]
@@ -1224,6 +1252,14 @@ def _sigterm_to_exit(signum: int, frame: Any) -> None:  # so `with` blocks stop 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, cfg = parse_args(argv)
+    if args.rerender:
+        source = Path(args.out) / "perf.json"
+        if not source.exists():
+            print(f"perf_bench: no {source} to rerender", file=sys.stderr)
+            return 2
+        (Path(args.out) / "perf.md").write_text(render_markdown(json.loads(source.read_text())))
+        print(f"perf_bench: rewrote {Path(args.out) / 'perf.md'} from {source}")
+        return 0
     log = Progress("perf_bench")
     header = run_header(argv, MODULE)
     header["ray_env"] = cfg.ray_env
