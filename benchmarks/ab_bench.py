@@ -1,7 +1,8 @@
 """A/B of two (or more) configurations of ours in ONE Ray cluster, alternated phase by phase.
 
 Each variant is its own application (Router, Cache, ``qa``) at ``/<name>``; they differ only
-in what the variant sets: ``cache`` fields of the app's config, or ``env`` variables for its
+in what the variant sets: ``cache`` fields of the app's config, Serve's ``logging_config`` of
+the application (e.g. ``{"enable_access_log": false}``), or ``env`` variables for its
 replicas (a ``runtime_env``: Serve reads its ``RAY_SERVE_*`` constants when a replica process
 starts, so replica-side switches such as ``RAY_SERVE_USE_GRPC_BY_DEFAULT`` can differ per app).
 Rounds alternate the variants (A B A B ...), each a closed-loop phase of unique-input misses,
@@ -40,10 +41,13 @@ DEFAULT_VARIANTS = {"batched": {}, "unbatched": {"cache": {"hop_batch_max": 1, "
 
 def _app(name: str, variant: dict[str, Any], api_base: str) -> dict[str, Any]:
     # perf_bench's shape of ours (serve_config.yaml's Router and qa settings, qa pinned to one replica)
-    return dspy_app(name, f"/{name}", [_model("qa", api_base)], cache=variant.get("cache") or None,
-                    limits={"request_timeout_s": 20}, env_vars=variant.get("env"),
-                    deployments=[_router(), {"name": "qa", "num_replicas": 1, "max_ongoing_requests": 128,
-                                             "max_queued_requests": 256}])
+    app = dspy_app(name, f"/{name}", [_model("qa", api_base)], cache=variant.get("cache") or None,
+                   limits={"request_timeout_s": 20}, env_vars=variant.get("env"),
+                   deployments=[_router(), {"name": "qa", "num_replicas": 1, "max_ongoing_requests": 128,
+                                            "max_queued_requests": 256}])
+    if variant.get("logging_config"):
+        app["logging_config"] = variant["logging_config"]  # Serve's per-application logging_config
+    return app
 
 
 def _replica_cpu(roots: list[int]) -> dict[str, float]:
@@ -63,10 +67,13 @@ def _hops(base_url: str, name: str) -> dict[str, float]:
             for i in (ready.get("router") or {}).get("ops", []) if i["name"].startswith("cache_hop")}
 
 
-def phase(ray: RayServe, name: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
-    spec = LoadSpec(url=f"{ray.base_url}/{name}{PREDICT_PATH}",
-                    body={"kind": "unique", "model": "qa", "field": "question",
-                          "template": "A/B question {nonce}-{i}: what is the capital of country {i}?"},
+def phase(ray: RayServe, name: str, concurrency: int, duration_s: float, warmup_s: float,
+          kind: str = "unique") -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": kind, "model": "qa", "field": "question",
+                            "template": "A/B question {nonce}-{i}: what is the capital of country {i}?"}
+    if kind == "fixed":
+        body["k"] = 16  # 16 inputs: after the warm-up every request is a hit in the router's near cache
+    spec = LoadSpec(url=f"{ray.base_url}/{name}{PREDICT_PATH}", body=body,
                     mode="closed", concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, timeout_s=20)
     cpu0, steal0, (_, tot0), hops0 = (_replica_cpu(ray.server_pids), machine_steal(), machine_busy(),
                                       _hops(ray.base_url, name))
@@ -103,12 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for ab.json and ab.md")
     p.add_argument("--variants", default=json.dumps(DEFAULT_VARIANTS),
-                   help='JSON {name: {"cache": {...}, "env": {...}}}; names are URL path segments')
+                   help='JSON {name: {"cache": {...}, "env": {...}, "logging_config": {...}}}; names are URL path segments')
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration-s", type=float, default=10.0)
     p.add_argument("--warmup-s", type=float, default=2.0)
     p.add_argument("--sim-latency-ms", type=float, default=50.0)
+    p.add_argument("--kind", choices=("unique", "fixed"), default="unique",
+                   help="unique inputs (every request a miss) or 16 fixed inputs (hits after the warm-up)")
     a = p.parse_args(argv)
     variants: dict[str, dict[str, Any]] = json.loads(a.variants)
     if not variants or not all(n.replace("_", "").replace("-", "").isalnum() for n in variants):
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.deploy(serve_config(*[_app(n, v, sim.api_base) for n, v in variants.items()]))
         for r in range(a.rounds):
             for name in variants:
-                row = phase(ray, name, a.concurrency, a.duration_s, a.warmup_s)
+                row = phase(ray, name, a.concurrency, a.duration_s, a.warmup_s, a.kind)
                 row["round"] = r
                 rows.append(row)
                 log(f"round {r} {name}: {row['rps']} req/s, p99 {row['p99_ms']} ms, CPU {row['cpu_ms_total']} ms/req "
@@ -135,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(rows, list(variants))
     head = run_header(argv, module="benchmarks.ab_bench")
     markdown = (header_markdown("A/B of our configurations in one cluster", head)
-                + f"\n- Variants: `{json.dumps(variants)}`\n- Closed loop c={a.concurrency}, unique inputs (misses), "
+                + f"\n- Variants: `{json.dumps(variants)}`\n- Closed loop c={a.concurrency}, "
+                f"{'unique inputs (misses)' if a.kind == 'unique' else '16 fixed inputs (hits)'}, "
                 f"LM {a.sim_latency_ms:g} ms, {a.rounds} rounds of {a.warmup_s:g} + {a.duration_s:g} s per variant, "
                 f"alternated\n\n{table}\n")
     jpath, mpath = write_results(out, "ab", {"header": head, "variants": variants, "phases": rows}, markdown)

@@ -45,7 +45,9 @@ def encode_value(value: Mapping[str, Any], expires_at: float | None = None) -> b
     envelope: dict[str, Any] = {"v": SCHEMA_VERSION, "value": dict(value)}
     if expires_at is not None:
         envelope["exp"] = round(expires_at, 3)
-    return canonical_json(envelope).encode()
+    # Not canonical_json: a value keeps its key order (a program's output fields in their
+    # declared order), so an answer from Redis reads like the miss that produced it.
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_envelope(raw: bytes | str) -> tuple[dict[str, Any], float | None] | None:

@@ -109,6 +109,15 @@ def test_encode_decode_round_trip() -> None:
     assert decode_value(raw.decode()) == VALUE
 
 
+def test_a_value_keeps_its_key_order_through_the_envelope() -> None:
+    """An answer read back from Redis lists its output fields as the miss that produced it did."""
+    value = {"outputs": {"reasoning": "r", "answer": "a", "confidence": 0.5}, "program_version": "v"}
+    decoded = decode_value(encode_value(value, expires_at=123.0))
+    assert decoded is not None
+    assert list(decoded) == ["outputs", "program_version"]
+    assert list(decoded["outputs"]) == ["reasoning", "answer", "confidence"]
+
+
 class _Bomb:
     """A pickle whose loading would call ``_detonate`` (observable), like a planted payload."""
 
