@@ -116,8 +116,9 @@ def _usage(tracker: UsageTracker, modules: ModuleUsage | None, paths: dict[int, 
            prices: Prices | None) -> Usage:
     """Totals from DSPy's usage tracker (every LM call of the request), split by module.
 
-    ``modules`` is None for a program with one predictor: every LM call of the request is then
-    that predictor's, and no DSPy callback was needed to attribute it.
+    ``modules`` is None for a program with one predictor (or none): every LM call of the request
+    is then that predictor's (or, as ``ModuleUsage`` names it, the ``program``'s), and no DSPy
+    callback was needed to attribute it.
     """
     tin = tout = calls = 0
     for entries in tracker.usage_data.values():
@@ -131,8 +132,8 @@ def _usage(tracker: UsageTracker, modules: ModuleUsage | None, paths: dict[int, 
 
     if modules is not None:
         split = modules.by_module
-    elif paths and calls:
-        split = {next(iter(paths.values())): {"input_tokens": tin, "output_tokens": tout, "calls": calls}}
+    elif calls:
+        split = {next(iter(paths.values()), "program"): {"input_tokens": tin, "output_tokens": tout, "calls": calls}}
     else:
         split = {}
     by_module = {

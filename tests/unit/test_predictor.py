@@ -122,6 +122,22 @@ async def test_one_predictor_needs_no_dspy_callback(sim_lm: SimLM, monkeypatch: 
                                                          "cost_usd": None}}
 
 
+def test_usage_without_a_named_predictor_goes_to_the_program() -> None:
+    """A program whose LM calls come from no named predictor: its tokens are the ``program``'s,
+    as the per-module callback would have named them."""
+    from dspy.utils.usage_tracker import UsageTracker
+
+    from serve_app.predictor import _usage
+
+    tracker = UsageTracker()
+    tracker.add_usage("openai/m", {"prompt_tokens": 7, "completion_tokens": 3})
+    tracker.add_usage("openai/m", {"prompt_tokens": 5, "completion_tokens": 1})
+    usage = _usage(tracker, None, {}, None)
+    assert usage["input_tokens"] == 12 and usage["output_tokens"] == 4
+    assert usage["by_module"] == {"program": {"input_tokens": 12, "output_tokens": 4, "calls": 2, "cost_usd": None}}
+    assert _usage(UsageTracker(), None, {}, None)["by_module"] == {}  # no LM call, no module
+
+
 async def test_classifier_prediction_has_typed_outputs(sim_lm: SimLM) -> None:
     core = make_core(sim_lm, model_config("classify", "serve_app.examples:build_classifier", CLASSIFY_STATE))
     payload = await core.predict({"text": "I love how fast this is."})
