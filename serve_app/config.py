@@ -220,6 +220,14 @@ class CacheConfig(Frozen):
             "Lookups made in the same event-loop turn share a call; 1 turns batching off."
         ),
     )
+    hop_max_inflight: int = Field(
+        default=1, ge=0, le=64,
+        description=(
+            "Most router calls to the Cache deployment out at once, per kind (lookups, "
+            "write-backs): more wait for one to answer and then leave together, so batches "
+            "grow with load and a lone request is never held. 0: no bound."
+        ),
+    )
     write_batch_s: float = Field(
         default=0.02, ge=0, le=1,
         description=(
@@ -296,7 +304,7 @@ class AppArgs(Frozen):
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
                         "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s",
-                        "hop_batch_max", "write_batch_s")
+                        "hop_batch_max", "hop_max_inflight", "write_batch_s")
         def lm_view(lm: LMConfig) -> dict[str, Any]:
             return {f: getattr(lm, f) for f in lm_fields}
 

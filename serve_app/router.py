@@ -135,11 +135,13 @@ class RouterCore:
         self._reads: HopBatcher[str, CacheLookup | None] | None = None
         self._writes: HopBatcher[CacheWrite, bool] | None = None
         if self._cache is not None:
+            inflight = args.cache.hop_max_inflight
             self._reads = HopBatcher(self._cache.get_many, max_batch=batch_max, timeout_s=args.cache.hop_timeout_s,
-                                     context=flight_context, on_batch=self._batch_counter("get"))
+                                     context=flight_context, on_batch=self._batch_counter("get"),
+                                     max_inflight=inflight)
             self._writes = HopBatcher(self._cache.set_many, window_s=args.cache.write_batch_s, max_batch=batch_max,
                                       timeout_s=args.cache.hop_timeout_s, context=flight_context,
-                                      on_batch=self._batch_counter("set"))
+                                      on_batch=self._batch_counter("set"), max_inflight=inflight)
         # The cost book (in the Cache deployment) gets usage in batches, not a hop per miss.
         self._usage = UsageQueue(cache, self.counters, flush_s=usage_flush_s, timeout_s=args.cache.hop_timeout_s)
         # Derived once from the frozen config (not per request): the models whose every

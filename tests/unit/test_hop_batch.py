@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -157,3 +158,141 @@ async def test_the_batch_runs_in_the_context_the_factory_makes() -> None:
 def test_max_batch_must_be_positive() -> None:
     with pytest.raises(ValueError):
         HopBatcher(Remote(), max_batch=0)
+
+
+# ----------------------------------------------------------------------------- max_inflight
+
+
+async def _until(cond: Callable[[], bool], turns: int = 100) -> None:
+    for _ in range(turns):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def test_with_max_inflight_calls_arriving_while_a_batch_is_out_leave_together_after_it() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_inflight=1)
+    first = asyncio.ensure_future(batcher.call("a"))
+    await _until(lambda: remote.batches == [["a"]])
+    later = [asyncio.ensure_future(batcher.call(k)) for k in "bcd"]
+    for _ in range(5):  # several loop turns: without the bound each turn would be its own hop
+        await asyncio.sleep(0)
+        later.append(asyncio.ensure_future(batcher.call(f"e{_}")))
+    await asyncio.sleep(0)
+    assert remote.batches == [["a"]] and len(batcher) == 8
+    remote.gate.set()
+    assert await first == "A"
+    assert await asyncio.gather(*later) == ["B", "C", "D", *(f"E{i}" for i in range(5))]
+    assert remote.batches == [["a"], ["b", "c", "d", *(f"e{i}" for i in range(5))]]
+
+
+async def test_without_max_inflight_each_turn_is_its_own_hop() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote)  # 0: no bound (the old behaviour)
+    calls = [asyncio.ensure_future(batcher.call("a"))]
+    await _until(lambda: len(remote.batches) == 1)
+    calls.append(asyncio.ensure_future(batcher.call("b")))
+    await _until(lambda: len(remote.batches) == 2)
+    remote.gate.set()
+    assert await asyncio.gather(*calls) == ["A", "B"]
+
+
+async def test_max_inflight_never_holds_a_lone_call_on_an_idle_batcher() -> None:
+    remote = Remote()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_inflight=1)
+    for key in "xyz":
+        assert await asyncio.wait_for(batcher.call(key), 1.0) == key.upper()
+    assert remote.batches == [["x"], ["y"], ["z"]]
+
+
+async def test_max_inflight_two_lets_two_batches_out() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_inflight=2)
+    calls = [asyncio.ensure_future(batcher.call("a"))]
+    await _until(lambda: len(remote.batches) == 1)
+    calls.append(asyncio.ensure_future(batcher.call("b")))
+    await _until(lambda: len(remote.batches) == 2)
+    calls += [asyncio.ensure_future(batcher.call(k)) for k in "cd"]
+    await asyncio.sleep(0.01)
+    assert len(remote.batches) == 2  # c, d wait
+    remote.gate.set()
+    assert await asyncio.gather(*calls) == list("ABCD")
+    assert remote.batches[2] == ["c", "d"]
+
+
+async def test_a_full_batch_leaves_even_while_held() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_inflight=1, max_batch=2)
+    calls = [asyncio.ensure_future(batcher.call("a"))]
+    await _until(lambda: len(remote.batches) == 1)
+    calls += [asyncio.ensure_future(batcher.call(k)) for k in "bc"]
+    await _until(lambda: len(remote.batches) == 2)
+    assert remote.batches[1] == ["b", "c"]
+    remote.gate.set()
+    assert await asyncio.gather(*calls) == list("ABC")
+
+
+async def test_a_held_caller_waits_at_most_timeout_from_its_call_and_the_rest_still_land(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, max_inflight=1, timeout_s=0.2)
+    first = asyncio.ensure_future(batcher.call("a"))
+    await _until(lambda: len(remote.batches) == 1)
+    await asyncio.sleep(0.1)
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        await batcher.call("b")  # queued behind a hung batch: bounded from ITS call
+    waited = time.perf_counter() - started
+    assert 0.15 <= waited < 0.5
+    with pytest.raises(TimeoutError):
+        await first
+    remote.gate.set()
+    await asyncio.wait_for(batcher.flush(), 1.0)
+    assert remote.batches[-1] == ["b"]  # sent once the hung batch gave up, answer unread
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_held_item_keeps_its_window_from_its_arrival() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=0.1, max_inflight=1)
+    first = asyncio.ensure_future(batcher.call("a"))
+    await asyncio.sleep(0.12)  # "a" is out
+    assert remote.batches == [["a"]]
+    second = asyncio.ensure_future(batcher.call("b"))
+    await asyncio.sleep(0)
+    remote.gate.set()  # "a" answers at once; "b" still has most of its window to gather others
+    assert await first == "A"
+    third = asyncio.ensure_future(batcher.call("c"))
+    await asyncio.sleep(0.02)
+    assert remote.batches == [["a"]]
+    assert await asyncio.wait_for(asyncio.gather(second, third), 1.0) == ["B", "C"]
+    assert remote.batches == [["a"], ["b", "c"]]
+
+
+async def test_a_held_write_window_leaves_when_the_batch_out_answers() -> None:
+    remote = Remote()
+    remote.gate = asyncio.Event()
+    batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=0.01, max_inflight=1)
+    first = asyncio.ensure_future(batcher.call("a"))
+    await asyncio.sleep(0.03)  # the window passes: "a" is out
+    assert remote.batches == [["a"]]
+    second = asyncio.ensure_future(batcher.call("b"))
+    await asyncio.sleep(0.03)  # past the window: still held
+    assert remote.batches == [["a"]]
+    remote.gate.set()
+    assert await first == "A" and await second == "B"
+    assert remote.batches == [["a"], ["b"]]
+
+
+def test_max_inflight_must_not_be_negative() -> None:
+    with pytest.raises(ValueError):
+        HopBatcher(Remote(), max_inflight=-1)

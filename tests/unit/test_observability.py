@@ -188,6 +188,26 @@ def test_secret_mask_filter_covers_message_args_extras_and_exceptions(caplog: py
         assert literal not in (record.exc_text or "")
 
 
+def test_secret_mask_finds_a_secret_in_any_one_field_of_an_otherwise_clean_line() -> None:
+    literal = "plain-looking-secret-value"
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    handler.addFilter(SecretMask([literal]))
+    log = logging.getLogger("serve_app.test.mask_fields")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        log.info("prediction", extra={"model": "qa", "request_id": "sk-proj-AbCdEf0123456789"})
+        log.info("prediction", extra={"model": "qa", "request_id": literal})
+        log.info("prediction", extra={"model": "qa", "request_id": "abc123", "n": 3})
+    finally:
+        log.removeHandler(handler)
+    assert [r.request_id for r in records] == ["***", "***", "abc123"]  # type: ignore[attr-defined]
+    assert all(r.model == "qa" and r.getMessage() == "prediction" for r in records)  # type: ignore[attr-defined]
+    assert records[2].n == 3  # type: ignore[attr-defined]
+
+
 def test_install_secret_mask_is_idempotent() -> None:
     root = logging.getLogger()
     handler = logging.StreamHandler()
