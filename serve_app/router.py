@@ -38,21 +38,28 @@ from typing import Any, Protocol
 
 from .budget import Reservation
 from .cache import CacheLookup, MemoryTier, cache_key
-from .directory import ModelDirectory
 from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
-from .errors import CircuitOpen, Overloaded, ServeAppError, UnknownModel, UpstreamError, UpstreamTimeout
+from .directory import ModelDirectory
+from .errors import (
+    CircuitOpen,
+    Overloaded,
+    ServeAppError,
+    UnknownModel,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .hop_batch import HopBatcher
 from .keys import KeyRing
+from .logs import log_prediction
 from .metrics import Counters
 from .policy import OPEN_DOOR, Admission, TrafficPolicy
 from .policy_store import PolicyStore
 from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
 from .schemas import CacheStatus, PredictRequest
-from .logs import log_prediction
-from .hop_batch import HopBatcher
 from .singleflight import SingleFlight
 from .usage_queue import UsageQueue
 
-__all__ = ["PredictorClient", "CacheClient", "RouterCore", "PredictOutcome", "DEFAULT_VARIANT"]
+__all__ = ["DEFAULT_VARIANT", "CacheClient", "PredictOutcome", "PredictorClient", "RouterCore"]
 _FREE: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "by_module": {}}
 
 # Failures of a model that another model can cover (all retryable, none the client's fault).
