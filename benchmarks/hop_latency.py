@@ -33,7 +33,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .procstat import machine_busy, machine_steal
+from .procstat import StealWindow
 from .report import header_markdown, run_header, write_results
 
 KINDS = ("noop", "Cache.get_many via HopBatcher")
@@ -120,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     with RayServe() as ray:
         serve.run(build_app(), name="hop", route_prefix="/hop")
         for i in range(args.rounds):
-            steal0, (_, tot0) = machine_steal(), machine_busy()
+            steal = StealWindow()
             r = httpx.get(f"{ray.base_url}/hop", params={"calls": args.calls, "gap_ms": args.gap_ms}, timeout=600)
             r.raise_for_status()
-            steal1, (_, tot1) = machine_steal(), machine_busy()
-            row = {"round": i, "p50_ms": r.json(), "steal": round((steal1 - steal0) / (tot1 - tot0), 3) if tot1 > tot0 else 0.0}
+            row = {"round": i, "p50_ms": r.json(), "steal": steal.fraction()}
             rounds.append(row)
             say(f"round {i}: {row['p50_ms']} steal {row['steal']}")
     table = summarize(rounds, args.gap_ms)

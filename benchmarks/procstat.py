@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CpuMeter", "classify", "descendants", "proc_cpu_s", "machine_busy", "machine_steal", "cmdline"]
+__all__ = ["CpuMeter", "StealWindow", "classify", "cmdline", "descendants", "machine_busy", "machine_steal", "proc_cpu_s"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -180,3 +180,16 @@ def machine_busy() -> tuple[float, float]:
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
     total = sum(vals[:8])  # guest time is already in user
     return (total - idle) / _TICK, total / _TICK
+
+
+class StealWindow:
+    """The host's CPU steal over a window: the share of all CPUs' time, from construction to
+    ``fraction()``, that the hypervisor gave to other tenants (0.0 when no time passed)."""
+
+    def __init__(self) -> None:
+        self._steal0 = machine_steal()
+        self._total0 = machine_busy()[1]
+
+    def fraction(self) -> float:
+        steal, total = machine_steal(), machine_busy()[1]
+        return round((steal - self._steal0) / (total - self._total0), 3) if total > self._total0 else 0.0

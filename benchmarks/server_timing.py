@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .procstat import machine_busy, machine_steal
+from .procstat import StealWindow
 from .report import header_markdown, run_header, write_results
 
 PARTS = ("client", "cache", "predictor", "program", "total")
@@ -113,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.wait_ready("/timing")
         with httpx.Client(base_url=ray.base_url, timeout=30) as client:
             for i in range(args.rounds):
-                steal0, (_, tot0) = machine_steal(), machine_busy()
+                steal = StealWindow()
                 p50 = one_round(client, "/timing", args.requests)
-                steal1, (_, tot1) = machine_steal(), machine_busy()
-                row = {"round": i, "p50_ms": p50,
-                       "steal": round((steal1 - steal0) / (tot1 - tot0), 3) if tot1 > tot0 else 0.0}
+                row = {"round": i, "p50_ms": p50, "steal": steal.fraction()}
                 rounds.append(row)
                 say(f"round {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in p50.items()) + f"; steal {row['steal']}")
     table = summarize(rounds, args.sim_latency_ms)

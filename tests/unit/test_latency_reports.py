@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.hop_latency import summarize as hop_summary
 from benchmarks.server_timing import _timing
 from benchmarks.server_timing import summarize as timing_summary
@@ -41,3 +43,22 @@ def test_hop_latency_table_takes_medians_over_rounds() -> None:
     noop = next(line for line in table.splitlines() if line.startswith("| noop"))
     assert [c.strip() for c in noop.split("|")[2:5]] == ["1.50", "4.00", "+2.50"]
     assert "after 50 ms idle" in table and "0.000, 0.100, 0.000" in table
+
+
+def test_steal_window_is_the_share_of_cpu_time_stolen_in_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import procstat
+
+    readings = iter([(10.0, (5.0, 100.0)), (13.0, (20.0, 120.0))])
+    current: dict[str, tuple[float, tuple[float, float]]] = {}
+
+    def advance() -> None:
+        current["now"] = next(readings)
+
+    monkeypatch.setattr(procstat, "machine_steal", lambda: current["now"][0])
+    monkeypatch.setattr(procstat, "machine_busy", lambda: current["now"][1])
+    advance()
+    window = procstat.StealWindow()
+    advance()
+    assert window.fraction() == 0.15  # 3 s stolen of 20 s of CPU time
+    still = procstat.StealWindow()
+    assert still.fraction() == 0.0  # no time passed
