@@ -171,6 +171,15 @@ async def _until(cond: Callable[[], bool], turns: int = 100) -> None:
     raise AssertionError("condition not reached")
 
 
+async def _eventually(cond: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """``_until`` for conditions a timer makes true (a window's end), bounded in time."""
+    deadline = time.perf_counter() + timeout_s
+    while not cond():
+        if time.perf_counter() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.001)
+
+
 async def test_with_max_inflight_calls_arriving_while_a_batch_is_out_leave_together_after_it() -> None:
     remote = Remote()
     remote.gate = asyncio.Event()
@@ -265,8 +274,7 @@ async def test_a_held_item_keeps_its_window_from_its_arrival() -> None:
     remote.gate = asyncio.Event()
     batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=0.1, max_inflight=1)
     first = asyncio.ensure_future(batcher.call("a"))
-    await asyncio.sleep(0.12)  # "a" is out
-    assert remote.batches == [["a"]]
+    await _eventually(lambda: remote.batches == [["a"]])  # the window ended: "a" is out
     second = asyncio.ensure_future(batcher.call("b"))
     await asyncio.sleep(0)
     remote.gate.set()  # "a" answers at once; "b" still has most of its window to gather others
@@ -283,8 +291,7 @@ async def test_a_held_write_window_leaves_when_the_batch_out_answers() -> None:
     remote.gate = asyncio.Event()
     batcher: HopBatcher[str, str] = HopBatcher(remote, window_s=0.01, max_inflight=1)
     first = asyncio.ensure_future(batcher.call("a"))
-    await asyncio.sleep(0.03)  # the window passes: "a" is out
-    assert remote.batches == [["a"]]
+    await _eventually(lambda: remote.batches == [["a"]])  # the window ended: "a" is out
     second = asyncio.ensure_future(batcher.call("b"))
     await asyncio.sleep(0.03)  # past the window: still held
     assert remote.batches == [["a"]]
