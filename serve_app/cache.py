@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .codec import SCHEMA_VERSION, cache_key, canonical_json, decode_envelope, decode_value, encode_value
 from .config import CacheConfig
+from .key_index import IndexSync, WriterRegistry, key_digest
 from .metrics import Counters
 from .redis_tier import RedisClient, RedisTier, redis_from_url
 
@@ -77,6 +78,10 @@ class MemoryTier:
             self._data.popitem(last=False)
         return True
 
+    def live_keys(self) -> list[str]:
+        now = self._clock()
+        return [key for key, (expires, _) in self._data.items() if expires > now]
+
     def clear(self) -> None:
         self._data.clear()
 
@@ -91,6 +96,7 @@ class TieredCache:
         redis: RedisTier | None,
         counters: Counters,
         wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self.memory = memory
@@ -98,6 +104,7 @@ class TieredCache:
         self.counters = counters
         self._wall = wall  # absolute expiries are shared across replicas: wall-clock time
         self._pending: set[asyncio.Task[Any]] = set()
+        self.writers = WriterRegistry(clock=clock)  # routers syncing their key index (key_index)
 
     @classmethod
     def from_config(
@@ -125,7 +132,7 @@ class TieredCache:
             redis_tier = RedisTier(
                 redis_client, ttl_s=config.redis_ttl_s, call_timeout_s=config.timeout_s, counters=counters, clock=clock
             )
-        return cls(config, memory, redis_tier, counters, wall)
+        return cls(config, memory, redis_tier, counters, wall, clock)
 
     async def get(self, key: str) -> CacheLookup | None:
         value = self.memory.get(key)
@@ -167,6 +174,16 @@ class TieredCache:
     async def set_many(self, items: Sequence[tuple[str, dict[str, Any], float | None]]) -> list[bool]:
         """``set`` for each ``(key, value, ttl_s)``, in order."""
         return [await self.set(key, value, ttl_s) for key, value, ttl_s in items]
+
+    def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None:
+        """A router's sync for its ``key_index.KeyIndex``: records ``writer`` and answers how
+        many routers write here and, if asked, the digests of the memory tier's live keys.
+        None with a Redis tier: it holds keys written by anyone, at any time, so no router can
+        know them all."""
+        if self.redis is not None:
+            return None
+        digests = [key_digest(key) for key in self.memory.live_keys()] if want_keys else None
+        return IndexSync(writers=self.writers.touch(writer), digests=digests)
 
     async def drain(self) -> None:
         """Wait for background writes (tests and shutdown)."""

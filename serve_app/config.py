@@ -228,6 +228,14 @@ class CacheConfig(Frozen):
             "grow with load and a lone request is never held. 0: no bound."
         ),
     )
+    lookup_index: bool = Field(
+        default=True,
+        description=(
+            "Without Redis, a router that is the Cache deployment's only writer knows every key "
+            "it can hold, and skips the lookup hop for any other (every first-time input). "
+            "Off by itself with Redis or a second router; false always looks up."
+        ),
+    )
     write_batch_s: float = Field(
         default=0.02, ge=0, le=1,
         description=(
@@ -304,7 +312,7 @@ class AppArgs(Frozen):
                         "fallback")
         cache_fields = ("enabled", "key_prefix", "memory_max_entries", "memory_ttl_s", "redis_ttl_s",
                         "max_value_bytes", "timeout_s", "hop_timeout_s", "near_max_entries", "near_ttl_s",
-                        "hop_batch_max", "hop_max_inflight", "write_batch_s")
+                        "hop_batch_max", "hop_max_inflight", "lookup_index", "write_batch_s")
         def lm_view(lm: LMConfig) -> dict[str, Any]:
             return {f: getattr(lm, f) for f in lm_fields}
 

@@ -33,6 +33,7 @@ from .policy_store import PolicyStore
 from .redis_tier import redis_from_url
 from .errors import Overloaded
 from .http import build_http_app
+from .key_index import IndexSync
 from .logs import setup_replica_logging
 from .lmsim import Knobs, SimCore, build_sim_app
 from .predictor import ModelInfoPayload, PredictionPayload, PredictorCore
@@ -59,6 +60,9 @@ class Cache:
 
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
+
+    async def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None:
+        return self.core.index_sync(writer, want_keys)
 
     async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
         await self.costs.record_many(records)
@@ -186,6 +190,9 @@ class HandleCache:
     async def stats(self) -> dict[str, Any]:
         return await self._h.stats.remote()
 
+    async def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None:
+        return await self._h.index_sync.remote(writer, want_keys)
+
     async def record_usage_many(self, records: list[dict[str, Any]]) -> None:
         await self._h.record_usage_many.remote(records)
 
@@ -220,6 +227,7 @@ class Router:
         )
         loop = asyncio.get_running_loop()
         self._refresher = loop.create_task(self.core.refresh_loop())
+        self._indexer = loop.create_task(self.core.index_loop())
         self._heartbeat = loop.create_task(store.heartbeat_loop()) if store.shared else None
 
     async def __del__(self) -> None:

@@ -11,6 +11,9 @@ Contract of ``RouterCore.predict(request, request_id)``:
   without a hop; then the Cache deployment is asked within ``cache.hop_timeout_s``; a slow or
   failing cache, or a value that is not a prediction, is a miss plus a counter, never a
   failed request;
+- without a Redis tier, a router that is the Cache deployment's only writer skips the lookup
+  for a key it never wrote and that was not there when it synced (``serve_app.key_index``;
+  ``index_loop`` keeps that knowledge honest): every first-time input saves a hop;
 - lookups made in the same event-loop turn travel as one ``get_many`` call, and write-backs
   gathered for ``cache.write_batch_s`` as one ``set_many`` call (``serve_app.hop_batch``):
   under load a hop per request cost more CPU than the rest of the router;
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -49,6 +53,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .hop_batch import HopBatcher
+from .key_index import IndexSync, KeyIndex
 from .keys import KeyRing
 from .logs import log_prediction
 from .metrics import Counters
@@ -80,6 +85,7 @@ class CacheClient(Protocol):
     async def get_many(self, keys: list[str]) -> list[CacheLookup | None]: ...
     async def set_many(self, items: list[CacheWrite]) -> list[bool]: ...
     async def stats(self) -> dict[str, Any]: ...
+    async def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None: ...
     async def record_usage_many(self, records: list[dict[str, Any]]) -> None: ...
     async def cost_report(self) -> dict[str, Any]: ...
 
@@ -149,6 +155,12 @@ class RouterCore:
             self._writes = HopBatcher(self._cache.set_many, window_s=args.cache.write_batch_s, max_batch=batch_max,
                                       timeout_s=args.cache.hop_timeout_s, context=flight_context,
                                       on_batch=self._batch_counter("set"), max_inflight=inflight)
+        # Keys the Cache deployment can hold, while this router is its only writer and there
+        # is no Redis tier: a near-cache miss for any other key skips the lookup hop.
+        self._index: KeyIndex | None = None
+        if self._cache is not None and args.cache.redis is None and args.cache.lookup_index:
+            self._index = KeyIndex(2 * args.cache.memory_max_entries, args.cache.memory_ttl_s, clock)
+        self._writer_id = uuid.uuid4().hex
         # The cost book (in the Cache deployment) gets usage in batches, not a hop per miss.
         self._usage = UsageQueue(cache, self.counters, flush_s=usage_flush_s, timeout_s=args.cache.hop_timeout_s)
         # Derived once from the frozen config (not per request): the models whose every
@@ -169,6 +181,31 @@ class RouterCore:
     async def refresh_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """Keep every deployment's info fresh; never raises."""
         await self.directory.refresh_loop(sleep)
+
+    async def index_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                         interval_s: float = 2.0) -> None:
+        """Keep the key index honest; never raises. Every ``interval_s`` this router tells
+        the Cache deployment it writes there; with another writer (or none answering) the
+        index is off, and once it is the only writer again the Cache's keys re-seed it."""
+        index, cache = self._index, self._cache
+        if index is None or cache is None:
+            return
+        while True:
+            try:
+                async with asyncio.timeout(self.args.cache.hop_timeout_s):
+                    sync = await cache.index_sync(self._writer_id, not index.ready)
+                if sync is None:  # the Cache has a Redis tier after all
+                    index.disable()
+                    self._index = None
+                    return
+                if sync["writers"] > 1:
+                    index.disable()
+                elif sync["digests"] is not None:
+                    index.seed(sync["digests"])
+            except Exception:  # noqa: BLE001 - a Cache we cannot reach: look everything up
+                index.disable()
+                self.counters.inc("cache_client_errors", op="index_sync")
+            await sleep(interval_s)
 
     # ---- predictions -----------------------------------------------------------------
 
@@ -321,9 +358,14 @@ class RouterCore:
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
             return near, "HIT-MEMORY", False
-        t0 = self._clock()
-        hit = await self._cache_get(key)
-        timing["cache"] = (self._clock() - t0) * 1000.0
+        if self._index is not None and not self._index.may_hold(key):
+            # Never written by this router, the Cache's only writer: a certain miss there.
+            self.counters.inc("cache_ops", tier="index", op="get", result="skip")
+            hit = None
+        else:
+            t0 = self._clock()
+            hit = await self._cache_get(key)
+            timing["cache"] = (self._clock() - t0) * 1000.0
         if hit is not None and _is_payload(hit.get("value")):
             self._near.set(key, hit["value"], model.cache_ttl_s)
             return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
@@ -407,6 +449,8 @@ class RouterCore:
     async def _cache_set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> None:
         assert self._writes is not None
         self._near.set(key, value, ttl_s)
+        if self._index is not None:
+            self._index.add(key)  # before the write leaves: a later lookup must not be skipped
         try:
             # At most the batch window, then the hop (bounded by cache.hop_timeout_s).
             await self._writes.call((key, value, ttl_s))
@@ -471,7 +515,9 @@ class RouterCore:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ask every predictor and the cache; ``(all answered, detail)``."""
-        detail: dict[str, Any] = {"models": {}, "cache": None, "router": {"ops": self.counters.snapshot()}}
+        index = "off" if self._index is None else "on" if self._index.ready else "syncing"
+        detail: dict[str, Any] = {"models": {}, "cache": None,
+                                  "router": {"ops": self.counters.snapshot(), "lookup_index": index}}
         ok = True
         for name in self._predictors:
             try:

@@ -84,6 +84,9 @@ def test_every_family_moves_by_exactly_what_was_sent(deployed: ServeCluster, htt
         responses.append(r)
         return r
 
+    # The router skips the Cache lookup of a first-time input once its key index is on
+    # (serve_app/key_index.py: no Redis, one router); it syncs at start, then every 2 s.
+    wait_for(lambda: http.get("/obs/ready").json()["router"]["lookup_index"] == "on", 30, "the key index")
     before = scrape(deployed)
     # 5 qa misses, 3 hits of the first, 1 bypass; 2 pipeline misses (two LM calls each).
     for i in range(5):
@@ -109,7 +112,7 @@ def test_every_family_moves_by_exactly_what_was_sent(deployed: ServeCluster, htt
     # Ray exports every second in tests, per replica: wait until each replica's last increment
     # is visible (router: the last error; cache: the last miss; predictor: the last tokens).
     wait_for(lambda: delta("ray_dspy_errors_total", code="invalid_request") == 1
-             and delta("ray_dspy_cache_operations_total", tier="memory", op="get", result="miss") >= 10
+             and delta("ray_dspy_cache_operations_total", tier="index", op="get", result="skip") >= 10
              and delta("ray_dspy_tokens_total", type="input") >= ledger["prompt_tokens"], 30, "metrics export")
     after = scrape(deployed)
 
@@ -127,10 +130,12 @@ def test_every_family_moves_by_exactly_what_was_sent(deployed: ServeCluster, htt
     assert d("ray_dspy_errors_total", model="-", code="invalid_request") == 1
     assert d("ray_dspy_prediction_latency_ms_count") == 5 + 3 + 1 + 2 + 3 + 1  # every predict the core saw
     # Cache: misses for every cache-through request (qa 5, pipeline 2, flaky 3); writes for successes.
-    # The 3 repeated hits are answered by the router's near cache, without a hop.
+    # The 3 repeated hits are answered by the router's near cache, without a hop; the 10
+    # first-time inputs by the key index, without a hop either (the Cache never saw them).
     assert d("ray_dspy_cache_operations_total", tier="near", op="get", result="hit") == 3
+    assert d("ray_dspy_cache_operations_total", tier="index", op="get", result="skip") == 10
     assert d("ray_dspy_cache_operations_total", tier="memory", op="get", result="hit") == 0
-    assert d("ray_dspy_cache_operations_total", tier="memory", op="get", result="miss") == 10
+    assert d("ray_dspy_cache_operations_total", tier="memory", op="get", result="miss") == 0
     assert d("ray_dspy_cache_operations_total", tier="memory", op="set", result="ok") == 7
     # Tokens equal the simulator's ledger of successful calls; dollars equal the headers.
     assert d("ray_dspy_tokens_total", type="input") == ledger["prompt_tokens"]

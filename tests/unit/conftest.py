@@ -27,6 +27,7 @@ import ray._private.worker
 
 from serve_app.cache import CacheLookup, canonical_json
 from serve_app.config import AppArgs
+from serve_app.key_index import IndexSync, key_digest
 from serve_app.lmsim import answer
 from serve_app.predictor import ModelInfoPayload, PredictionPayload
 
@@ -168,6 +169,10 @@ class FakeCache:
         self.fail_with: BaseException | None = None
         self.hang: asyncio.Event | None = None  # get/set/stats wait on it when set
         self.stats_fail_with: BaseException | None = None
+        self.shared = False  # True: a Redis tier behind it (index_sync answers None)
+        self.writers: set[str] = set()
+        self.other_writers = 0
+        self.index_syncs: list[tuple[str, bool]] = []
 
     async def _maybe_misbehave(self) -> None:
         if self.hang is not None:
@@ -194,6 +199,16 @@ class FakeCache:
         if self.stats_fail_with is not None:
             raise self.stats_fail_with
         return {"memory_entries": len(self.data)}
+
+    async def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None:
+        """Like ``TieredCache.index_sync``; ``other_writers`` are routers besides the callers."""
+        self.index_syncs.append((writer, want_keys))
+        await self._maybe_misbehave()
+        if self.shared:
+            return None
+        self.writers.add(writer)
+        return IndexSync(writers=len(self.writers) + self.other_writers,
+                         digests=[key_digest(k) for k in self.data] if want_keys else None)
 
 
 # ----------------------------------------------------------------------------- redis client

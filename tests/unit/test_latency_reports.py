@@ -62,3 +62,51 @@ def test_steal_window_is_the_share_of_cpu_time_stolen_in_the_window(monkeypatch:
     assert window.fraction() == 0.15  # 3 s stolen of 20 s of CPU time
     still = procstat.StealWindow()
     assert still.fraction() == 0.0  # no time passed
+
+
+WRK_REPORT = """Running 10s test @ http://127.0.0.1:8000/ours/v1/predict
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    28.10ms    5.02ms  80.11ms   90.00%
+    Req/Sec     2.30k   150.00     2.50k    70.00%
+  22871 requests in 10.01s, 9.10MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   2284.84
+Transfer/sec:      0.91MB
+"""
+
+
+def test_wrk_report_parses_rate_and_counts_every_failure() -> None:
+    from benchmarks.ingress_floor import parse_wrk
+
+    assert parse_wrk(WRK_REPORT) == {"rps": 2284.84, "ok": 22871 - 7, "errors": 7}
+    clean = WRK_REPORT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "").replace(
+        "  Non-2xx or 3xx responses: 4\n", "")
+    assert parse_wrk(clean)["errors"] == 0
+    with pytest.raises(ValueError, match="not a wrk report"):
+        parse_wrk("unable to connect to 127.0.0.1:8000 Connection refused")
+
+
+def test_wrk_script_carries_each_body_verbatim() -> None:
+    from benchmarks.ingress_floor import _body, wrk_script
+
+    script = wrk_script([_body(0), {"model": "qa", "inputs": {"question": 'a "quoted" \\ text'}}])
+    assert 'bodies[1] = [==[{"model": "qa", "inputs": {"question": "floor question 0:' in script
+    assert 'bodies[2] = [==[{"model": "qa", "inputs": {"question": "a \\"quoted\\" \\\\ text"}}]==]' in script
+    assert "request = function()" in script
+
+
+def test_ingress_floor_table_takes_medians_and_sums_errors() -> None:
+    from benchmarks.ingress_floor import summarize as floor_summary
+
+    def row(app: str, rps: float, cpu: float, errors: int = 0, steal: float = 0.01) -> dict[str, object]:
+        return {"app": app, "driver": "loadgen", "rps": rps, "ingress_cpu_ms_per_req": cpu,
+                "machine_busy": 0.8, "errors": errors, "steal": steal}
+
+    rows = [row("plain", 2000, 0.3), row("plain", 2400, 0.28), row("plain", 2200, 0.5, errors=1, steal=0.2),
+            row("ours", 1000, 0.8)]
+    table = floor_summary(rows, ["loadgen", "wrk"])
+    plain = next(line for line in table.splitlines() if "| plain |" in line)
+    assert "2,200.0" in plain and "0.300" in plain and "| 1 |" in plain and "0.200" in plain
+    assert "| ours |" in table and "| starlette |" not in table and "| wrk |" not in table
