@@ -442,7 +442,7 @@ async def test_ready_when_everything_answers(core: RouterCore) -> None:
             "classify": {"ready": True, "program_version": "v1", "breaker": "CLOSED"},
         },
         "cache": {"ready": True, "memory_entries": 0},
-        "router": {"ops": []},
+        "router": {"ops": [], "lookup_index": "syncing"},
     }
 
 
