@@ -13,7 +13,7 @@ SERVE_ENV_proxy :=
 export RAY_USAGE_STATS_ENABLED := 0
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install install-test redis-server promtool run deploy status stop test test-unit test-integration clean
+.PHONY: install install-test redis-server promtool wrk run deploy status stop test test-unit test-integration clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ promtool:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
 	  if [ -d /run/systemd/system ]; then $$SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true; fi; }
+
+# benchmarks/ingress_floor.py also drives wrk (a C load generator) when it is installed.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk (Debian package)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }
 
 ## make run: install, start a local Ray head (dashboard :8265, metrics :8080), deploy CONFIG,
 ## wait until ready and show one prediction per model. Offline: the LM simulator answers.

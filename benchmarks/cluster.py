@@ -328,17 +328,25 @@ class RayServe(_Managed):
         before = _children(os.getpid())
         self.temp_dir = tempfile.mkdtemp(prefix="sa_bench_ray_")
         self.config_dir = Path(tempfile.mkdtemp(prefix="sa_bench_cfg_"))
-        ray.init(
-            address="local",
-            num_cpus=self.num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=self.dashboard_port,
-            _metrics_export_port=self.metrics_port,
-            _temp_dir=self.temp_dir,
-            log_to_driver=False,
-            logging_level="WARNING",
-        )
+        try:
+            ray.init(
+                address="local",
+                num_cpus=self.num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=self.dashboard_port,
+                _metrics_export_port=self.metrics_port,
+                _temp_dir=self.temp_dir,
+                log_to_driver=False,
+                logging_level="WARNING",
+            )
+        except BaseException:
+            # A node that timed out starting (a slow host) leaves processes and files: end the
+            # ones ray.init started and remove what this cluster wrote before re-raising.
+            ray.shutdown()
+            for d in (self.temp_dir, self.config_dir):
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         self._started = True
         self.server_pids = sorted(_children(os.getpid()) - before)
         http_options: dict[str, Any] = {"host": "127.0.0.1", "port": self.http_port}

@@ -97,16 +97,32 @@ def test_wrk_script_carries_each_body_verbatim() -> None:
     assert "request = function()" in script
 
 
-def test_ingress_floor_table_takes_medians_and_sums_errors() -> None:
+def test_ingress_floor_table_divides_by_the_peer_of_the_same_round_and_load_generator() -> None:
     from benchmarks.ingress_floor import summarize as floor_summary
 
-    def row(app: str, rps: float, cpu: float, errors: int = 0, steal: float = 0.01) -> dict[str, object]:
-        return {"app": app, "driver": "loadgen", "rps": rps, "ingress_cpu_ms_per_req": cpu,
+    def row(app: str, rps: float, rnd: int, cpu: float = 0.3, errors: int = 0, steal: float = 0.01,
+            driver: str = "loadgen") -> dict[str, object]:
+        return {"app": app, "driver": driver, "round": rnd, "rps": rps, "ingress_cpu_ms_per_req": cpu,
                 "machine_busy": 0.8, "errors": errors, "steal": steal}
 
-    rows = [row("plain", 2000, 0.3), row("plain", 2400, 0.28), row("plain", 2200, 0.5, errors=1, steal=0.2),
-            row("ours", 1000, 0.8)]
-    table = floor_summary(rows, ["loadgen", "wrk"])
-    plain = next(line for line in table.splitlines() if "| plain |" in line)
-    assert "2,200.0" in plain and "0.300" in plain and "| 1 |" in plain and "0.200" in plain
-    assert "| ours |" in table and "| starlette |" not in table and "| wrk |" not in table
+    rows = [row("plain", 2000, 0), row("peer-1w", 200, 0),  # 10x
+            row("plain", 2400, 1, cpu=0.28), row("peer-1w", 200, 1),  # 12x
+            row("plain", 1100, 2, cpu=0.5, errors=1, steal=0.5), row("peer-1w", 100, 2, steal=0.5),  # 11x
+            row("ours", 1000, 0), row("ours", 2000, 0, driver="wrk"), row("peer-1w", 250, 0, driver="wrk")]
+    lines = floor_summary(rows, ["loadgen", "wrk"]).splitlines()
+    plain = next(line for line in lines if "| plain |" in line)
+    # req/s median 2,000; ratio median of 10, 12, 11 (not 2,000 / median peer 200 = 10)
+    assert "| 2,000.0 | 11.0x |" in plain and "0.300" in plain and "| 1 |" in plain and "0.500" in plain
+    assert "| 5.0x |" in next(line for line in lines if line.startswith("| loadgen | ours |"))
+    assert "| 8.0x |" in next(line for line in lines if line.startswith("| wrk | ours |"))
+    assert "| 1.0x |" in next(line for line in lines if line.startswith("| wrk | peer-1w |"))
+    assert not any("| starlette |" in line for line in lines)
+
+
+def test_peer_wrk_script_sends_a_new_question_each_time() -> None:
+    from benchmarks.ingress_floor import peer_wrk_script
+
+    script = peer_wrk_script("abc123")
+    assert "peer floor abc123 #' .. n .. '" in script and "n = n + 1" in script
+    with pytest.raises(ValueError):
+        peer_wrk_script("x' .. os.exit() .. '")
