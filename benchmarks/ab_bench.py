@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from .loadgen import LoadSpec, run_load
 from .perf_bench import _model, _router
 from .phases import PREDICT_PATH
 from .procstat import cmdline, descendants, machine_busy, machine_steal, proc_cpu_s
-from .report import header_markdown, run_header, write_results
+from .report import Progress, header_markdown, run_header, write_results
 
 DEFAULT_VARIANTS = {"batched": {}, "unbatched": {"cache": {"hop_batch_max": 1, "write_batch_s": 0}}}
 
@@ -124,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--variants: a JSON object of one or more variants named with letters, digits, - and _")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[ab_bench +{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    log = Progress("ab_bench")
 
     rows: list[dict[str, Any]] = []
     with LMSimProcess(a.sim_latency_ms) as sim, RayServe() as ray:

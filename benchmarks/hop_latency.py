@@ -34,7 +34,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .procstat import StealWindow
-from .report import header_markdown, run_header, write_results
+from .report import Progress, header_markdown, run_header, write_results
 
 KINDS = ("noop", "Cache.get_many via HopBatcher")
 
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .cluster import RayServe
 
-    started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[hop_latency + {time.perf_counter() - started:5.1f}s] {msg}", flush=True)
+    say = Progress("hop_latency")
 
     rounds: list[dict[str, Any]] = []
     with RayServe() as ray:

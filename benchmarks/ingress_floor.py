@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ from .cluster import LMSimProcess, PeerServer, RayServe, serve_config
 from .loadgen import LoadSpec, run_load
 from .phases import PREDICT_PATH
 from .procstat import StealWindow, machine_busy, proc_cpu_s
-from .report import header_markdown, run_header, write_results
+from .report import Progress, header_markdown, run_header, write_results
 
 APPS = ("plain", "starlette", "ours", "peer-1w")  # the peer's figure: its misses, the reference
 INGRESS = {"plain": "Plain", "starlette": "Bare", "ours": "Router"}  # each app's ingress deployment
@@ -226,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if not drivers:
         p.error("no load generator left to run")
     header = run_header(argv, module="benchmarks.ingress_floor")
-    started = time.monotonic()
-
-    def say(msg: str) -> None:
-        print(f"[ingress_floor +{time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    say = Progress("ingress_floor")
 
     rows: list[dict[str, Any]] = []
     with (tempfile.TemporaryDirectory(prefix="sa_floor_") as tmp, LMSimProcess(50.0) as sim,

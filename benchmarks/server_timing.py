@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .procstat import StealWindow
-from .report import header_markdown, run_header, write_results
+from .report import Progress, header_markdown, run_header, write_results
 
 PARTS = ("client", "cache", "predictor", "program", "total")
 
@@ -102,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from .ab_bench import _app
     from .cluster import LMSimProcess, RayServe, serve_config
 
-    started = time.perf_counter()
-
-    def say(msg: str) -> None:
-        print(f"[server_timing + {time.perf_counter() - started:5.1f}s] {msg}", flush=True)
+    say = Progress("server_timing")
 
     rounds: list[dict[str, Any]] = []
     with LMSimProcess(latency_ms=args.sim_latency_ms) as sim, RayServe() as ray:

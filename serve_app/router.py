@@ -195,7 +195,6 @@ class RouterCore:
                 async with asyncio.timeout(self.args.cache.hop_timeout_s):
                     sync = await cache.index_sync(self._writer_id, not index.ready)
                 if sync is None:  # the Cache has a Redis tier after all
-                    index.disable()
                     self._index = None
                     return
                 if sync["writers"] > 1:
