@@ -25,7 +25,9 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["log_prediction", "SecretMask", "install_secret_mask", "mask", "flush_buffered_logs", "LogFlusher",
+from .log_writer import batch_log_writes
+
+__all__ = ["LogFlusher", "SecretMask", "flush_buffered_logs", "install_secret_mask", "log_prediction", "mask",
            "setup_replica_logging"]
 
 logger = logging.getLogger("ray.serve")
@@ -69,7 +71,8 @@ class SecretMask(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-            extras = [(k, v) for k, v in record.__dict__.items() if k not in _STANDARD and isinstance(v, str)]
+            fields = record.__dict__
+            extras = [(k, v) for k in fields.keys() - _STANDARD if isinstance(v := fields[k], str)]
             # One scan over the message and every string extra together: most lines (Serve's
             # access log, our prediction records) carry nothing to mask, and then no field is
             # scanned on its own. A match anywhere masks field by field, as before.
@@ -144,15 +147,28 @@ class LogFlusher:
 
 
 def setup_replica_logging(secret_literals: Iterable[str]) -> LogFlusher:
-    """What every replica does first: mask its secrets in every log line, and bound how late
-    a buffered line is written (the returned flusher runs for the replica's life)."""
+    """What every replica does first: write Serve's buffered lines a batch at a time
+    (``serve_app.log_writer``), mask its secrets in every log line, and bound how late a
+    buffered line is written (the returned flusher runs for the replica's life)."""
+    batch_log_writes()
     install_secret_mask(secret_literals)
     return LogFlusher()
 
 
 def log_prediction(**fields: Any) -> None:
-    """``"prediction"`` with ``fields`` as structured extras (never raises)."""
+    """``"prediction"`` with ``fields`` as structured extras (never raises).
+
+    The record is made here rather than by ``logger.info``, which walks the stack for the
+    caller on every call: the caller is always this function, so its file and line are
+    known (one line per prediction made that walk a visible cost on the hit path)."""
     try:
-        logger.info("prediction", extra={k: v for k, v in fields.items() if v is not None})
+        if logger.isEnabledFor(logging.INFO):
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, _LOG_LINE, "prediction", (), None,
+                                       func="log_prediction",
+                                       extra={k: v for k, v in fields.items() if v is not None})
+            logger.handle(record)
     except Exception:  # noqa: BLE001 - logging never fails a request
         pass
+
+
+_LOG_LINE = log_prediction.__code__.co_firstlineno
