@@ -168,11 +168,15 @@ async def _measure(args: argparse.Namespace, say: Progress) -> list[dict[str, An
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: median and minimum over rounds, and the median over rounds of its
+    difference from the same round's ``batched`` (the paired figure a noisy host moves least)."""
+    by = {(r["round"], r["variant"]): r["us_per_hit"] for r in rows}
     out = []
     for variant in VARIANTS:
         vals = [r["us_per_hit"] for r in rows if r["variant"] == variant]
+        diffs = [v - by[(rnd, "batched")] for (rnd, var), v in by.items() if var == variant]
         out.append({"variant": variant, "median": round(statistics.median(vals), 1), "min": min(vals),
-                    "rounds": len(vals)})
+                    "minus_batched": round(statistics.median(diffs), 1), "rounds": len(vals)})
     return out
 
 
@@ -202,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{args.encoding}; `serve_config.yaml`'s `dspy` application; raw ASGI calls into the Router's HTTP app"),
           "- CPU: `time.process_time` per round / hits. Serve's own request handling is not in these figures.",
           "", markdown_table([("variant", "variant"), ("median us/hit", "median"), ("min us/hit", "min"),
+                              ("minus batched, same round (median) us", "minus_batched"),
                               ("rounds", "rounds")], summary),
           "", "Every round:", "",
           markdown_table([("round", "round"), ("variant", "variant"), ("us/hit", "us_per_hit")], rows)]
