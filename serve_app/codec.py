@@ -15,13 +15,19 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "canonical_json", "cache_key", "encode_value", "decode_envelope", "decode_value"]
+__all__ = ["SCHEMA_VERSION", "cache_key", "cache_key_with", "canonical_json", "decode_envelope", "decode_value",
+           "encode_value"]
 
 SCHEMA_VERSION = 1
 
+# One encoder for every call: ``json.dumps`` with options builds a new encoder each time,
+# which cost more than encoding a request's inputs.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON: sorted keys, no whitespace, UTF-8 kept."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(obj)
 
 
 def cache_key(
@@ -33,9 +39,16 @@ def cache_key(
     inputs: Mapping[str, Any],
 ) -> str:
     """``<prefix>:p:<model>:<variant>:<version>:<sha256(lm settings + inputs)>``."""
-    digest = hashlib.sha256(
-        canonical_json({"lm": dict(lm_settings), "inputs": dict(inputs)}).encode()
-    ).hexdigest()
+    return cache_key_with(prefix, model, variant, program_version, canonical_json(dict(lm_settings)), inputs)
+
+
+def cache_key_with(prefix: str, model: str, variant: str, program_version: str, lm_json: str,
+                   inputs: Mapping[str, Any]) -> str:
+    """``cache_key`` with the LM settings already in canonical JSON (``lm_json``): a router
+    encodes each deployment's settings once, not per request. The digest covers the canonical
+    JSON of ``{"lm": ..., "inputs": ...}``, whose sorted keys put ``inputs`` first."""
+    body = canonical_json(inputs if isinstance(inputs, dict) else dict(inputs))
+    digest = hashlib.sha256(f'{{"inputs":{body},"lm":{lm_json}}}'.encode()).hexdigest()
     return f"{prefix}:p:{model}:{variant}:{program_version}:{digest}"
 
 

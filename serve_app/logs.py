@@ -39,9 +39,14 @@ _PATTERNS = [
     re.compile(r"(?i)\b(api[_-]?key|authorization|x-api-key|password|secret|token)(\"?\s*[:=]\s*\"?)([^\s\"',;}]{4,})"),
     re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]*://[^\s:/@]*:)([^\s@/]+)(@)"),  # user:password@ in URLs
 ]
-# What every pattern above needs to match, in one case-insensitive scan: a line with none of
-# these (most lines: access logs, prediction records) skips the four substitutions.
-_TRIGGER = re.compile(r"sk-|bearer|basic|api[_-]?key|authorization|password|secret|token|://", re.IGNORECASE)
+# What every pattern above needs to match, in one scan: a line with none of these (most lines:
+# access logs, prediction records) skips the four substitutions. The scan is case-sensitive over
+# the case-folded text: an IGNORECASE alternation cost ~8x more per line, on every line.
+_TRIGGER = re.compile(r"sk-|bearer|basic|api[_-]?key|authorization|password|secret|token|://")
+
+
+def _triggered(text: str) -> bool:
+    return _TRIGGER.search(text.casefold()) is not None
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -49,7 +54,7 @@ def mask(text: str, literals: Iterable[str] = ()) -> str:
     for secret in literals:
         if secret and secret in text:
             text = text.replace(secret, MASK)
-    if _TRIGGER.search(text) is None:
+    if not _triggered(text):
         return text
     text = _PATTERNS[0].sub(MASK, text)
     text = _PATTERNS[1].sub(MASK, text)
@@ -66,7 +71,7 @@ class SecretMask(logging.Filter):
 
     def _clean(self, text: str) -> bool:
         """Whether ``mask`` would leave ``text`` as it is: no literal, no pattern trigger."""
-        return _TRIGGER.search(text) is None and not any(secret in text for secret in self._literals)
+        return not _triggered(text) and not any(secret in text for secret in self._literals)
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:

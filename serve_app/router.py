@@ -38,10 +38,11 @@ import contextvars
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .budget import Reservation
-from .cache import CacheLookup, MemoryTier, cache_key
+from .cache import CacheLookup, MemoryTier
+from .codec import cache_key_with, canonical_json
 from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
 from .directory import ModelDirectory
 from .errors import (
@@ -164,11 +165,12 @@ class RouterCore:
         # The cost book (in the Cache deployment) gets usage in batches, not a hop per miss.
         self._usage = UsageQueue(cache, self.counters, flush_s=usage_flush_s, timeout_s=args.cache.hop_timeout_s)
         # Derived once from the frozen config (not per request): the models whose every
-        # variant has a predictor, and each deployment's LM settings that enter cache keys.
+        # variant has a predictor, and each deployment's LM settings that enter cache keys (as
+        # canonical JSON: encoded once here, not per request).
         self._servable = {m.name: m for m in args.models
                           if all(v.deployment in self._predictors for v in m.served_variants())}
-        self._lm_identity = {v.deployment: m.for_variant(v.name).lm.cache_identity()
-                             for m in args.models for v in m.served_variants()}
+        self._lm_json = {v.deployment: canonical_json(dict(m.for_variant(v.name).lm.cache_identity()))
+                         for m in args.models for v in m.served_variants()}
 
     # ---- model directory (serve_app.directory) ---------------------------------------
 
@@ -215,8 +217,8 @@ class RouterCore:
         return model
 
     def _key(self, model: ModelConfig, variant: Variant, version: str, inputs: Mapping[str, Any]) -> str:
-        return cache_key(self.args.cache.key_prefix, model.name, variant.name, version,
-                         self._lm_identity[variant.deployment], inputs)
+        return cache_key_with(self.args.cache.key_prefix, model.name, variant.name, version,
+                              self._lm_json[variant.deployment], inputs)
 
     async def predict(self, request: PredictRequest, request_id: str, admission: Admission = OPEN_DOOR) -> PredictOutcome:
         """Answer one prediction and account for it (metrics, log line), whatever happens."""
@@ -264,27 +266,14 @@ class RouterCore:
         model = self._model(request.model)
         admission.principal.require_model(model.name)
         plan = self._plan(model, request, admission)
-        try:
-            async with asyncio.timeout(self.args.limits.request_timeout_s):
-                i = 0
-                while True:
-                    served, variant = plan[i]
-                    try:
-                        timing: dict[str, float] = {}
-                        payload, status, shared = await self._predict(served, variant, request, admission, timing)
-                        break
-                    except ServeAppError as exc:
-                        if isinstance(exc, CircuitOpen):
-                            self.directory.mark_open(variant.deployment, exc.retry_after_s)
-                        i = next((j for j in range(i + 1, len(plan)) if self._may_move(served, plan[j][0], exc)), -1)
-                        if i < 0:
-                            raise
-                        if plan[i][0] is not served:
-                            self.counters.inc("fallbacks", model=model.name, fallback=plan[i][0].name, code=exc.code)
-                        else:
-                            self.counters.inc("variant_shifts", model=model.name, variant=variant.name, code=exc.code)
-        except TimeoutError:
-            raise UpstreamTimeout(f"model '{model.name}' did not answer within the request deadline") from None
+        served, variant = plan[0]
+        timing: dict[str, float] = {}
+        near, checked = self._near_hit(served, variant, request)
+        if near is not None:
+            payload, status, shared = near, "HIT-MEMORY", False
+        else:
+            payload, status, shared, served, variant, timing = await self._answer(model, plan, request, admission,
+                                                                                   checked)
         cached = status.startswith("HIT")
         degraded = served is not model
         # Usage is what THIS request cost: a hit or a coalesced follower made no LM call.
@@ -328,6 +317,55 @@ class RouterCore:
                        api_key=admission.principal.id)
         return PredictOutcome(body, headers)
 
+    def _near_hit(self, model: ModelConfig, variant: Variant,
+                  request: PredictRequest) -> tuple[PredictionPayload | None, str | None]:
+        """``(answer, key)`` when the first choice's answer is in the near cache and nothing
+        needs an await (its info is known): a hit then costs no deadline timer and no
+        coroutine chain. ``(None, key)``: the key missed the near cache just now; ``(None,
+        None)``: not looked up (caching off, info not known yet). Inputs are checked first,
+        as on the full path."""
+        if self._cache is None or not request.cache:
+            return None, None
+        info = self.directory.known(variant.deployment)
+        if info is None:
+            return None, None
+        validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
+        key = self._key(model, variant, info["program_version"], request.inputs)
+        near = self._near.get(key)
+        if near is not None:
+            self.counters.inc("cache_ops", tier="near", op="get", result="hit")
+        return cast("PredictionPayload | None", near), key
+
+    async def _answer(
+        self, model: ModelConfig, plan: list[tuple[ModelConfig, Variant]], request: PredictRequest,
+        admission: Admission, near_missed: str | None,
+    ) -> tuple[PredictionPayload, CacheStatus, bool, ModelConfig, Variant, dict[str, float]]:
+        """The plan tried in order within the router deadline: ``(payload, status, shared,
+        served model, variant, timing)``. ``near_missed``: the first choice's key, which just
+        missed the near cache."""
+        try:
+            async with asyncio.timeout(self.args.limits.request_timeout_s):
+                i = 0
+                while True:
+                    served, variant = plan[i]
+                    try:
+                        timing: dict[str, float] = {}
+                        payload, status, shared = await self._predict(served, variant, request, admission, timing,
+                                                                      near_missed if i == 0 else None)
+                        return payload, status, shared, served, variant, timing
+                    except ServeAppError as exc:
+                        if isinstance(exc, CircuitOpen):
+                            self.directory.mark_open(variant.deployment, exc.retry_after_s)
+                        i = next((j for j in range(i + 1, len(plan)) if self._may_move(served, plan[j][0], exc)), -1)
+                        if i < 0:
+                            raise
+                        if plan[i][0] is not served:
+                            self.counters.inc("fallbacks", model=model.name, fallback=plan[i][0].name, code=exc.code)
+                        else:
+                            self.counters.inc("variant_shifts", model=model.name, variant=variant.name, code=exc.code)
+        except TimeoutError:
+            raise UpstreamTimeout(f"model '{model.name}' did not answer within the request deadline") from None
+
     @staticmethod
     def _may_move(current: ModelConfig, nxt: ModelConfig, exc: ServeAppError) -> bool:
         """Another variant of the same model on fast failures; the fallback model on any
@@ -338,11 +376,12 @@ class RouterCore:
 
     async def _predict(
         self, model: ModelConfig, variant: Variant, request: PredictRequest, admission: Admission,
-        timing: dict[str, float],
+        timing: dict[str, float], near_missed: str | None = None,
     ) -> tuple[PredictionPayload, CacheStatus, bool]:
         """``(payload, X-Cache status, shared)``; ``shared`` marks a coalesced follower.
         ``timing`` gets the milliseconds of the Cache deployment lookup (``cache``) and of the
-        predictor call as the router waited for it (``predictor``), when they happen."""
+        predictor call as the router waited for it (``predictor``), when they happen.
+        ``near_missed``: this request's key, which missed the near cache with no await since."""
         info = await self.model_info(variant.deployment)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         if self._cache is None or not request.cache:
@@ -352,8 +391,8 @@ class RouterCore:
             payload = await self._paid_call(model, variant, request.inputs, reservation, admission)
             timing["predictor"] = (self._clock() - t0) * 1000.0
             return payload, "BYPASS", False
-        key = self._key(model, variant, info["program_version"], request.inputs)
-        near = self._near.get(key)
+        key = near_missed or self._key(model, variant, info["program_version"], request.inputs)
+        near = None if near_missed else self._near.get(key)
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
             return near, "HIT-MEMORY", False

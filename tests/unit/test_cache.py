@@ -95,6 +95,26 @@ def test_key_distinguishes_types_that_compare_equal_in_python() -> None:
     assert key(inputs={"n": True}) != key(inputs={"n": 1})
 
 
+@pytest.mark.parametrize("inputs", [
+    {"question": "What is Ray?"},
+    {"b": "é", "a": [1, {"d": 1, "c": 2.5}], "n": None, "t": True},
+    {"z": {"y": {"x": ["ü", "\u2028", "日本"]}}, "": 0},
+])
+def test_keys_are_the_digest_of_the_canonical_lm_and_inputs(inputs: dict[str, Any]) -> None:
+    """The key formula is unchanged by encoding the LM settings once (``cache_key_with``):
+    caches written by earlier versions stay readable."""
+    import hashlib
+
+    from serve_app.codec import cache_key_with
+
+    lm = {"model": "openai/sim-qa", "temperature": 0.0, "max_tokens": 512}
+    digest = hashlib.sha256(json.dumps({"lm": lm, "inputs": inputs}, sort_keys=True, separators=(",", ":"),
+                                       ensure_ascii=False).encode()).hexdigest()
+    expected = f"pfx:p:qa:default:v1:{digest}"
+    assert cache_key("pfx", "qa", "default", "v1", lm, inputs) == expected
+    assert cache_key_with("pfx", "qa", "default", "v1", canonical_json(lm), inputs) == expected
+
+
 def test_canonical_json_keeps_unicode_and_sorts() -> None:
     assert canonical_json({"b": "é", "a": [1, {"d": 1, "c": 2}]}) == '{"a":[1,{"c":2,"d":1}],"b":"é"}'
 

@@ -201,3 +201,26 @@ def test_router_hit_cpu_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.Monk
     assert {(r["variant"], r["swapped"]) for r in result["rounds"]} == {("batched", 1), ("stock", 0)}
     assert all(r["us_per_hit"] > 0 for r in result["rounds"])
     assert "| batched |" in (tmp_path / "router_hit_cpu.md").read_text()
+
+
+def test_our_json_response_is_starlettes_byte_for_byte() -> None:
+    from starlette.responses import JSONResponse as StarletteJSONResponse
+
+    from serve_app.http import JSONResponse
+
+    content = {"b": "é 日本", "a": [1, 2.5, None, True], "nested": {"z": "\u2028"}, "n": 10**20}
+    ours, theirs = JSONResponse(content, headers={"X-A": "1"}), StarletteJSONResponse(content, headers={"X-A": "1"})
+    assert ours.body == theirs.body and ours.raw_headers == theirs.raw_headers
+    with pytest.raises(ValueError):  # NaN is refused, as Starlette refuses it
+        JSONResponse({"x": float("nan")})
+
+
+@pytest.mark.parametrize("text", ["Authorization: BEARER abcdefgh12345678", "API-KEY=abcd1234efgh",
+                                  "PassWord=hunter2hunter2", "redis://user:PaSs1234@host:6379", "SK-abcdefgh12345678"])
+def test_the_secret_trigger_ignores_case(text: str) -> None:
+    from serve_app.logs import _triggered, mask
+
+    assert _triggered(text) and _triggered(text.swapcase())
+    assert not _triggered("prediction qa default ok HIT-MEMORY anonymous")
+    if not text.startswith("SK-"):  # keys are "sk-" (lower case) by shape; the rest by keyword
+        assert mask(text) != text

@@ -508,6 +508,36 @@ async def test_near_cache_answers_repeated_hits_without_a_hop(fake_predictor: Fa
     assert len(fake_predictor.predict_calls) == 1
 
 
+async def test_a_near_hit_is_answered_without_the_deadline_path(fake_predictor: FakePredictor,
+                                                                fake_cache: FakeCache,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A near-cache hit whose info is known never enters ``_answer`` (the deadline timer and
+    the awaited chain); a near miss enters it with the key already made, once."""
+    core = core_with({"qa": fake_predictor}, fake_cache)
+    await ask(core)
+    await core.drain()
+    entered: list[str | None] = []
+    full_path = core._answer
+
+    async def spy(*args: Any) -> Any:
+        entered.append(args[-1])
+        return await full_path(*args)
+
+    monkeypatch.setattr(core, "_answer", spy)
+    hit = await ask(core)
+    assert hit.headers["X-Cache"] == "HIT-MEMORY" and hit.headers["Server-Timing"].startswith("total;dur=")
+    assert entered == []
+    assert core.counters.get("cache_ops", tier="near", op="get", result="hit") == 1
+    other = await ask(core, {"question": "something else"})
+    assert other.headers["X-Cache"] == "MISS"
+    assert len(entered) == 1 and entered[0] is not None and entered[0].startswith(core.args.cache.key_prefix)
+    assert len(fake_predictor.predict_calls) == 2
+    bad = PredictRequest(model="qa", inputs={"nope": 1})
+    with pytest.raises(InvalidRequest):  # inputs are checked on the near path too
+        await core.predict(bad, "rid")
+    assert len(entered) == 1
+
+
 async def test_near_cache_never_serves_another_program_version(fake_predictor: FakePredictor,
                                                                fake_cache: FakeCache) -> None:
     core = core_with({"qa": fake_predictor}, fake_cache)
