@@ -11,6 +11,12 @@ SERVE_MODE ?= fast
 SERVE_ENV_fast := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
 SERVE_ENV_proxy :=
 export RAY_USAGE_STATS_ENABLED := 0
+# Ray 2.60 turns token auth on for a cluster `ray start` brings up once ~/.ray/auth_token exists
+# (any earlier `ray.init()` on this machine writes it), and `serve deploy` then fails with
+# AuthenticationError unless every ray/serve process agrees on the mode. The cluster `make run`
+# starts listens on 127.0.0.1: auth off by default; `make run RAY_AUTH_MODE=token` to turn it on.
+RAY_AUTH_MODE ?= disabled
+export RAY_AUTH_MODE
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: install install-test redis-server promtool wrk run deploy status stop test test-unit test-integration clean

@@ -49,6 +49,29 @@ def test_make_run_starts_ray_in_the_fast_mode_by_default() -> None:
     assert "env $(SERVE_ENV_$(SERVE_MODE)) $(BIN)/ray start" in makefile
 
 
+@pytest.mark.parametrize(("given", "seen"), [(None, "disabled"), ("token", "token")])
+def test_make_gives_every_ray_command_one_auth_mode(given: str | None, seen: str) -> None:
+    """Ray 2.60 turns token auth on once ~/.ray/auth_token exists; `make run` then failed at
+    `serve deploy` unless every ray/serve process agreed on the mode. The Makefile exports it
+    (disabled unless the caller sets it) to every recipe."""
+    import os
+    import shutil
+    import subprocess
+
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    if given is not None:
+        env["RAY_AUTH_MODE"] = given
+    probe = 'print-auth-mode:\n\t@echo "$$RAY_AUTH_MODE"\n'
+    out = subprocess.run([make, "-s", "--no-print-directory", "-f", "Makefile", "-f", "-", "print-auth-mode"],
+                         input=probe, cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == seen
+
+
 @pytest.mark.parametrize("manifest", ["cluster/base/rayservice.yaml", "cluster/templates/rayservice.yaml"])
 def test_every_kuberay_pod_starts_in_the_fast_mode(manifest: str) -> None:
     rs = next(d for d in yaml.safe_load_all((REPO / manifest).read_text()) if d and d.get("kind") == "RayService")
