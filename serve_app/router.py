@@ -7,16 +7,11 @@ Contract of ``RouterCore.predict(request, request_id)``:
 - unknown model -> 404; inputs checked against the model's input fields before any hop
   (422 naming the field, no LM call);
 - ``cache: false`` (or a disabled cache) goes straight to the predictor (``X-Cache: BYPASS``);
-- otherwise the router's near cache (a small LRU with a short TTL) answers repeated hits
-  without a hop; then the Cache deployment is asked within ``cache.hop_timeout_s``; a slow or
-  failing cache, or a value that is not a prediction, is a miss plus a counter, never a
-  failed request;
-- without a Redis tier, a router that is the Cache deployment's only writer skips the lookup
-  for a key it never wrote and that was not there when it synced (``serve_app.key_index``;
-  ``index_loop`` keeps that knowledge honest): every first-time input saves a hop;
-- lookups made in the same event-loop turn travel as one ``get_many`` call, and write-backs
-  gathered for ``cache.write_batch_s`` as one ``set_many`` call (``serve_app.hop_batch``):
-  under load a hop per request cost more CPU than the rest of the router;
+- otherwise the router's near cache answers repeated hits without a hop (a hit whose model
+  info is known without any await); then the Cache deployment is asked, unless the key index
+  says it cannot hold the key (``serve_app.router_cache``: near cache, key index, batched
+  hops); a slow or failing cache, or a value that is not a prediction, is a miss plus a
+  counter, never a failed request;
 - identical concurrent misses share one predictor call (``SingleFlight``);
 - a successful prediction is written back after the waiters are answered, under the key of
   the program version that actually answered; errors are never cached;
@@ -36,12 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 from .budget import Reservation
-from .cache import CacheLookup, MemoryTier
 from .codec import cache_key_with, canonical_json
 from .config import DEFAULT_VARIANT, AppArgs, ModelConfig, Variant
 from .directory import ModelDirectory
@@ -53,14 +46,13 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .hop_batch import HopBatcher
-from .key_index import IndexSync, KeyIndex
 from .keys import KeyRing
 from .logs import log_prediction
 from .metrics import Counters
 from .policy import OPEN_DOOR, Admission, TrafficPolicy
 from .policy_store import PolicyStore
 from .predictor import ModelInfoPayload, PredictionPayload, validate_inputs
+from .router_cache import CacheClient, RouterCache
 from .schemas import CacheStatus, PredictRequest
 from .singleflight import SingleFlight
 from .usage_queue import UsageQueue
@@ -79,18 +71,6 @@ class PredictorClient(Protocol):
     async def info(self) -> ModelInfoPayload: ...
 
 
-CacheWrite = tuple[str, dict[str, Any], "float | None"]
-
-
-class CacheClient(Protocol):
-    async def get_many(self, keys: list[str]) -> list[CacheLookup | None]: ...
-    async def set_many(self, items: list[CacheWrite]) -> list[bool]: ...
-    async def stats(self) -> dict[str, Any]: ...
-    async def index_sync(self, writer: str, want_keys: bool) -> IndexSync | None: ...
-    async def record_usage_many(self, records: list[dict[str, Any]]) -> None: ...
-    async def cost_report(self) -> dict[str, Any]: ...
-
-
 class PredictOutcome:
     """A finished prediction: the JSON body and the headers to send with it."""
 
@@ -99,16 +79,6 @@ class PredictOutcome:
     def __init__(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         self.body = body
         self.headers = headers
-
-
-def _is_payload(value: Any) -> bool:
-    """A cached value we wrote: anything else under our key is a miss, never a 500."""
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("program_version"), str)
-        and isinstance(value.get("outputs"), dict)
-        and isinstance(value.get("usage"), dict)
-    )
 
 
 class RouterCore:
@@ -139,29 +109,10 @@ class RouterCore:
         self.directory = ModelDirectory(self._predictors, self.counters, refresh_s=info_refresh_s,
                                         timeout_s=info_timeout_s, clock=clock)
         self._flight: SingleFlight[PredictionPayload] = SingleFlight(flight_context)
-        # Repeated hits are answered here, without a hop to the Cache deployment. Keys carry
-        # the program version, so a swap never serves an old answer from here either.
-        self._near = MemoryTier(args.cache.near_max_entries, args.cache.near_ttl_s, clock)
         self._background: set[asyncio.Task[Any]] = set()
-        # One Cache hop carries many lookups (same event-loop turn) or write-backs (a short
-        # window): the hop's fixed CPU cost, not its payload, dominated a miss under load.
-        batch_max = args.cache.hop_batch_max
-        self._reads: HopBatcher[str, CacheLookup | None] | None = None
-        self._writes: HopBatcher[CacheWrite, bool] | None = None
-        if self._cache is not None:
-            inflight = args.cache.hop_max_inflight
-            self._reads = HopBatcher(self._cache.get_many, max_batch=batch_max, timeout_s=args.cache.hop_timeout_s,
-                                     context=flight_context, on_batch=self._batch_counter("get"),
-                                     max_inflight=inflight)
-            self._writes = HopBatcher(self._cache.set_many, window_s=args.cache.write_batch_s, max_batch=batch_max,
-                                      timeout_s=args.cache.hop_timeout_s, context=flight_context,
-                                      on_batch=self._batch_counter("set"), max_inflight=inflight)
-        # Keys the Cache deployment can hold, while this router is its only writer and there
-        # is no Redis tier: a near-cache miss for any other key skips the lookup hop.
-        self._index: KeyIndex | None = None
-        if self._cache is not None and args.cache.redis is None and args.cache.lookup_index:
-            self._index = KeyIndex(2 * args.cache.memory_max_entries, args.cache.memory_ttl_s, clock)
-        self._writer_id = uuid.uuid4().hex
+        # The near cache, the key index and the batched hops (serve_app.router_cache).
+        self.cache = None if self._cache is None else RouterCache(args.cache, self._cache, self.counters, clock,
+                                                                  flight_context)
         # The cost book (in the Cache deployment) gets usage in batches, not a hop per miss.
         self._usage = UsageQueue(cache, self.counters, flush_s=usage_flush_s, timeout_s=args.cache.hop_timeout_s)
         # Derived once from the frozen config (not per request): the models whose every
@@ -186,27 +137,9 @@ class RouterCore:
 
     async def index_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                          interval_s: float = 2.0) -> None:
-        """Keep the key index honest; never raises. Every ``interval_s`` this router tells
-        the Cache deployment it writes there; with another writer (or none answering) the
-        index is off, and once it is the only writer again the Cache's keys re-seed it."""
-        index, cache = self._index, self._cache
-        if index is None or cache is None:
-            return
-        while True:
-            try:
-                async with asyncio.timeout(self.args.cache.hop_timeout_s):
-                    sync = await cache.index_sync(self._writer_id, not index.ready)
-                if sync is None:  # the Cache has a Redis tier after all
-                    self._index = None
-                    return
-                if sync["writers"] > 1:
-                    index.disable()
-                elif sync["digests"] is not None:
-                    index.seed(sync["digests"])
-            except Exception:  # noqa: BLE001 - a Cache we cannot reach: look everything up
-                index.disable()
-                self.counters.inc("cache_client_errors", op="index_sync")
-            await sleep(interval_s)
+        """Keep the key index honest (``RouterCache.index_loop``); never raises."""
+        if self.cache is not None:
+            await self.cache.index_loop(sleep, interval_s)
 
     # ---- predictions -----------------------------------------------------------------
 
@@ -324,14 +257,14 @@ class RouterCore:
         coroutine chain. ``(None, key)``: the key missed the near cache just now; ``(None,
         None)``: not looked up (caching off, info not known yet). Inputs are checked first,
         as on the full path."""
-        if self._cache is None or not request.cache:
+        if self.cache is None or not request.cache:
             return None, None
         info = self.directory.known(variant.deployment)
         if info is None:
             return None, None
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
         key = self._key(model, variant, info["program_version"], request.inputs)
-        near = self._near.get(key)
+        near = self.cache.near.get(key)
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
         return cast("PredictionPayload | None", near), key
@@ -384,7 +317,8 @@ class RouterCore:
         ``near_missed``: this request's key, which missed the near cache with no await since."""
         info = await self.model_info(variant.deployment)
         validate_inputs((f["name"] for f in info["inputs"]), request.inputs)
-        if self._cache is None or not request.cache:
+        cache = self.cache
+        if cache is None or not request.cache:
             self._short_circuit(model, variant, None)
             reservation = await self.policy.reserve(model, variant, admission)
             t0 = self._clock()
@@ -392,23 +326,13 @@ class RouterCore:
             timing["predictor"] = (self._clock() - t0) * 1000.0
             return payload, "BYPASS", False
         key = near_missed or self._key(model, variant, info["program_version"], request.inputs)
-        near = None if near_missed else self._near.get(key)
+        near = None if near_missed else cache.near.get(key)
         if near is not None:
             self.counters.inc("cache_ops", tier="near", op="get", result="hit")
-            return near, "HIT-MEMORY", False
-        if self._index is not None and not self._index.may_hold(key):
-            # Never written by this router, the Cache's only writer: a certain miss there.
-            self.counters.inc("cache_ops", tier="index", op="get", result="skip")
-            hit = None
-        else:
-            t0 = self._clock()
-            hit = await self._cache_get(key)
-            timing["cache"] = (self._clock() - t0) * 1000.0
-        if hit is not None and _is_payload(hit.get("value")):
-            self._near.set(key, hit["value"], model.cache_ttl_s)
-            return hit["value"], "HIT-MEMORY" if hit["tier"] == "memory" else "HIT-REDIS", False
-        if hit is not None:
-            self.counters.inc("cache_client_errors", op="foreign_value")
+            return cast(PredictionPayload, near), "HIT-MEMORY", False
+        found, status = await cache.lookup(key, model.cache_ttl_s, timing)
+        if found is not None and status is not None:
+            return cast(PredictionPayload, found), status, False
         self._short_circuit(model, variant, key)
         # A miss costs money: reserve the budget first, unless an identical flight is already
         # paying for it (a follower costs nothing).
@@ -416,10 +340,10 @@ class RouterCore:
         # An identical flight may have finished while we waited on the Cache deployment or the
         # budget: its answer is already in the near cache (written before the Cache hop). From
         # here to joining or starting a flight there is no await, so no second LM call slips in.
-        near = self._near.get(key)
+        near = cache.near.get(key)
         if near is not None:
             self._spawn(self.policy.release(reservation))
-            return near, "HIT-MEMORY", False
+            return cast(PredictionPayload, near), "HIT-MEMORY", False
         if reservation is not None and self._flight.in_flight(key):
             # A flight started while we reserved: we will follow it and pay nothing.
             self._spawn(self.policy.release(reservation))
@@ -430,8 +354,8 @@ class RouterCore:
             lambda: self._paid_call(model, variant, request.inputs, reservation, admission),
             # The write-back runs inside the flight: waiters already have the answer, and a
             # request arriving before the write lands joins the flight instead of the LM.
-            then=lambda p: self._cache_set(self._key(model, variant, p["program_version"], request.inputs), dict(p),
-                                           model.cache_ttl_s),
+            then=lambda p: cache.write_back(self._key(model, variant, p["program_version"], request.inputs),
+                                            dict(p), model.cache_ttl_s),
         )
         timing["predictor"] = (self._clock() - t0) * 1000.0
         return payload, "MISS", shared
@@ -466,39 +390,10 @@ class RouterCore:
         self._spawn(self.policy.settle(reservation, variant, usage, admission))
         return payload
 
-    # ---- cache access: bounded, never raising -----------------------------------------
-
-    def _batch_counter(self, op: str) -> Callable[[int], None]:
-        def count(size: int) -> None:
-            self.counters.inc("cache_hops", op=op)
-            self.counters.inc("cache_hop_items", float(size), op=op)
-        return count
-
-    async def _cache_get(self, key: str) -> CacheLookup | None:
-        assert self._reads is not None
-        try:
-            return await self._reads.call(key)  # the batch is bounded by cache.hop_timeout_s
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - a cache failure is a miss plus a counter
-            self.counters.inc("cache_client_errors", op="get")
-            return None
-
-    async def _cache_set(self, key: str, value: dict[str, Any], ttl_s: float | None) -> None:
-        assert self._writes is not None
-        self._near.set(key, value, ttl_s)
-        if self._index is not None:
-            self._index.add(key)  # before the write leaves: a later lookup must not be skipped
-        try:
-            # At most the batch window, then the hop (bounded by cache.hop_timeout_s).
-            await self._writes.call((key, value, ttl_s))
-        except Exception:  # noqa: BLE001 - a failed write is only a future miss
-            self.counters.inc("cache_client_errors", op="set")
-
     async def flush_usage(self) -> None:
         """Send queued write-backs and usage records now (graceful shutdown)."""
-        if self._writes is not None:
-            await self._writes.flush()
+        if self.cache is not None:
+            await self.cache.flush()
         await self._usage.flush()
 
     async def costs(self) -> dict[str, Any]:
@@ -517,8 +412,8 @@ class RouterCore:
         """Wait for flights, their write-backs, background work and refreshes, then send queued
         usage (tests, shutdown)."""
         while True:
-            if self._writes is not None:
-                await self._writes.flush()
+            if self.cache is not None:
+                await self.cache.flush()
             pending = [*self._background, *self._flight.tasks()]
             if not pending:
                 break
@@ -553,7 +448,7 @@ class RouterCore:
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ask every predictor and the cache; ``(all answered, detail)``."""
-        index = "off" if self._index is None else "on" if self._index.ready else "syncing"
+        index = "off" if self.cache is None else self.cache.index_state
         detail: dict[str, Any] = {"models": {}, "cache": None,
                                   "router": {"ops": self.counters.snapshot(), "lookup_index": index}}
         ok = True

@@ -125,7 +125,7 @@ async def test_a_sole_writer_skips_the_lookup_of_a_first_time_input_and_looks_up
     core, predictor = build(cache)
     assert (await core.ready())[1]["router"]["lookup_index"] == "syncing"
     await sync_once(core)
-    assert cache.index_syncs == [(core._writer_id, True)]
+    assert cache.index_syncs == [(core.cache.writer_id, True)]
     assert (await core.ready())[1]["router"]["lookup_index"] == "on"
 
     assert await ask(core, "first time") == "MISS"
@@ -157,7 +157,7 @@ async def test_another_writer_turns_skipping_off_until_it_is_gone() -> None:
     assert cache.get_calls != [], "with two writers every near-cache miss is looked up"
     cache.other_writers = 0
     await sync_once(core)
-    assert cache.index_syncs[-1] == (core._writer_id, True), "re-seeded: the other may have written"
+    assert cache.index_syncs[-1] == (core.cache.writer_id, True), "re-seeded: the other may have written"
     looked = len(cache.get_calls)
     await ask(core, "q2")
     assert len(cache.get_calls) == looked
