@@ -140,9 +140,6 @@ class RouterCache:
         """Send queued write-backs now (graceful shutdown, tests)."""
         await self._writes.flush()
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._cache.stats()
-
     async def index_loop(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                          interval_s: float = 2.0) -> None:
         """Keep the key index honest; never raises. Every ``interval_s`` this router tells
