@@ -2,7 +2,10 @@
 
 - ``log_prediction(**fields)`` logs ``"prediction"`` through Serve's ``ray.serve`` logger with
   the fields as ``extra``: with ``logging_config: {encoding: JSON}`` they become top-level JSON
-  keys next to Serve's own (``request_id``, ``deployment``, ``replica``, ...).
+  keys next to Serve's own (``request_id``, ``deployment``, ``replica``, ...). Serve's TEXT
+  format prints only the message and the request id, so a replica logging TEXT gets
+  ``PredictionText``, which writes the fields into the message as ``key=value`` pairs
+  (``prediction model=qa variant=default cache=HIT-MEMORY outcome=ok latency_ms=0.4 ...``).
 - ``SecretMask`` masks, in the message, its arguments, extra fields and exception text, the
   literal values of configured secrets (API keys, Redis URLs read from the environment) and
   anything shaped like a provider key or an Authorization value. ``install_secret_mask``
@@ -27,8 +30,8 @@ from typing import Any
 
 from .log_writer import batch_log_writes
 
-__all__ = ["LogFlusher", "SecretMask", "flush_buffered_logs", "install_secret_mask", "log_prediction", "mask",
-           "setup_replica_logging"]
+__all__ = ["LogFlusher", "PredictionText", "SecretMask", "flush_buffered_logs", "install_prediction_text",
+           "install_secret_mask", "log_prediction", "mask", "setup_replica_logging"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -109,6 +112,50 @@ def install_secret_mask(literals: Iterable[str]) -> SecretMask:
     return mask_filter
 
 
+# The prediction line's fields in the order TEXT lines show them (request_id is Serve's own).
+TEXT_FIELDS = ("model", "variant", "served_by", "cache", "outcome", "error_code", "latency_ms", "input_tokens",
+               "output_tokens", "cost_usd", "api_key")
+
+
+class PredictionText(logging.Filter):
+    """For a handler whose format shows only the message (Serve's TEXT encoding): writes a
+    prediction record's fields into its message as ``key=value`` pairs, in ``TEXT_FIELDS``
+    order, absent ones left out. Other records pass unchanged; it never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "prediction" and record.funcName == "log_prediction":
+            fields = record.__dict__
+            record.msg = " ".join(["prediction", *(f"{k}={fields[k]}" for k in TEXT_FIELDS if k in fields)])
+        return True
+
+
+def _shows_only_the_message(handler: logging.Handler) -> bool:
+    """Whether ``handler`` (or the handler a buffer writes to) formats with Serve's TEXT
+    formatter, which leaves a record's extra fields out."""
+    try:
+        from ray.serve._private.logging_utils import ServeFormatter
+    except ImportError:  # Serve's layout changed: lines stay as they are
+        return False
+    target = getattr(handler, "target", None) or handler
+    return isinstance(target.formatter, ServeFormatter)
+
+
+def install_prediction_text(names: Iterable[str] = ("ray.serve",)) -> int:
+    """Attach one ``PredictionText`` to each TEXT-formatting handler of the named loggers
+    (idempotent); returns how many handlers have it."""
+    text = PredictionText()
+    count = 0
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            if not _shows_only_the_message(handler):
+                continue
+            for old in [f for f in handler.filters if isinstance(f, PredictionText)]:
+                handler.removeFilter(old)
+            handler.addFilter(text)
+            count += 1
+    return count
+
+
 _LOGGERS = ("", "ray", "ray.serve")
 
 
@@ -153,9 +200,11 @@ class LogFlusher:
 
 def setup_replica_logging(secret_literals: Iterable[str]) -> LogFlusher:
     """What every replica does first: write Serve's buffered lines a batch at a time
-    (``serve_app.log_writer``), mask its secrets in every log line, and bound how late a
+    (``serve_app.log_writer``), show the prediction fields in TEXT lines, mask its secrets in
+    every log line (the mask goes last, so it sees the finished text), and bound how late a
     buffered line is written (the returned flusher runs for the replica's life)."""
     batch_log_writes()
+    install_prediction_text()
     install_secret_mask(secret_literals)
     return LogFlusher()
 

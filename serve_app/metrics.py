@@ -40,6 +40,8 @@ __all__ = ["Counters", "Sink", "RaySink", "FAMILIES", "LATENCY_BUCKETS_MS"]
 
 Kind = Literal["counter", "gauge", "histogram"]
 Sink = Callable[[Kind, str, dict[str, str], float], None]
+Key = tuple[str, tuple[tuple[str, str], ...]]  # (name, sorted labels)
+_MAX_MEMO = 4096  # label sets remembered per Counters / RaySink; past it keys are computed per call
 
 # Around the SLOs (p95 < 500 ms, p99 < 1 s), from a cache hit to a slow multi-call program.
 LATENCY_BUCKETS_MS = [25.0, 50.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0, 10000.0]
@@ -76,9 +78,21 @@ class Counters:
     sorted labels. ``inc`` keeps counting even when the sink fails."""
 
     def __init__(self, sink: Sink | None = None) -> None:
-        self._counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
-        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._counts: Counter[Key] = Counter()
+        self._gauges: dict[Key, float] = {}
         self._sink = sink
+        # (name, labels in call order) -> the sorted key: a hit records three series, and
+        # sorting their labels on every call was most of what this class cost per request.
+        self._keys: dict[tuple[str, tuple[tuple[str, str], ...]], Key] = {}
+
+    def _key(self, name: str, labels: dict[str, str]) -> Key:
+        raw = (name, tuple(labels.items()))
+        key = self._keys.get(raw)
+        if key is None:
+            key = (name, tuple(sorted(labels.items())))
+            if len(self._keys) < _MAX_MEMO:  # label values come from config and enums; bounded anyway
+                self._keys[raw] = key
+        return key
 
     def _emit(self, kind: Kind, name: str, labels: dict[str, str], value: float) -> None:
         if self._sink is None:
@@ -89,16 +103,17 @@ class Counters:
             self._counts[("metrics_errors", ())] += 1
 
     def inc(self, name: str, value: float = 1.0, /, **labels: str) -> None:
-        self._counts[(name, tuple(sorted(labels.items())))] += value
+        self._counts[self._key(name, labels)] += value
         self._emit("counter", name, labels, value)
 
     def set_gauge(self, name: str, value: float, /, **labels: str) -> None:
-        self._gauges[(name, tuple(sorted(labels.items())))] = value
+        self._gauges[self._key(name, labels)] = value
         self._emit("gauge", name, labels, value)
 
     def observe(self, name: str, value: float, /, **labels: str) -> None:
-        self._counts[(f"{name}_count", tuple(sorted(labels.items())))] += 1
-        self._counts[(f"{name}_sum", tuple(sorted(labels.items())))] += value
+        _, sorted_labels = self._key(name, labels)
+        self._counts[(f"{name}_count", sorted_labels)] += 1
+        self._counts[(f"{name}_sum", sorted_labels)] += value
         self._emit("histogram", name, labels, value)
 
     def get(self, name: str, /, **labels: str) -> float:
@@ -134,10 +149,23 @@ class RaySink:
         self._flush_s = flush_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._counts: dict[Key, float] = {}
+        self._gauges: dict[Key, float] = {}
         self._last_flush = clock()
         self._thread: threading.Thread | None = None
+        # (name, labels in call order) -> (name, tags in the family's order), or None for a
+        # name that is not exported.
+        self._tags: dict[tuple[str, tuple[tuple[str, str], ...]], Key | None] = {}
+
+    def _series(self, name: str, labels: dict[str, str]) -> Key | None:
+        raw = (name, tuple(labels.items()))
+        series = self._tags.get(raw, False)
+        if series is False:
+            family = FAMILIES.get(name)
+            series = None if family is None else (name, tuple((k, str(labels.get(k, ""))) for k in family[2]))
+            if len(self._tags) < _MAX_MEMO:
+                self._tags[raw] = series
+        return series  # type: ignore[return-value]
 
     def _metric(self, name: str) -> Any:
         metric = self._metrics.get(name)
@@ -157,17 +185,18 @@ class RaySink:
         return metric
 
     def __call__(self, kind: Kind, name: str, labels: dict[str, str], value: float) -> None:
-        if name not in FAMILIES:
+        series = self._series(name, labels)
+        if series is None:
             return
-        tags = tuple((k, str(labels.get(k, ""))) for k in FAMILIES[name][2])
         if kind == "histogram":
-            self._metric(name).observe(value, tags=dict(tags))
+            # A fresh dict per call: Serve's histogram adds the request's route to the one it is given.
+            self._metric(name).observe(value, tags=dict(series[1]))
             return
         with self._lock:
             if kind == "counter":
-                self._counts[(name, tags)] = self._counts.get((name, tags), 0.0) + value
+                self._counts[series] = self._counts.get(series, 0.0) + value
             else:
-                self._gauges[(name, tags)] = value
+                self._gauges[series] = value
         if self._thread is None:
             self._thread = threading.Thread(target=self._flush_loop, name="serve-app-metrics", daemon=True)
             self._thread.start()

@@ -224,3 +224,60 @@ def test_the_secret_trigger_ignores_case(text: str) -> None:
     assert not _triggered("prediction qa default ok HIT-MEMORY anonymous")
     if not text.startswith("SK-"):  # keys are "sk-" (lower case) by shape; the rest by keyword
         assert mask(text) != text
+
+
+def _formatted_by(formatter: logging.Formatter) -> tuple[logging.Logger, list[str], Iterator[None]]:
+    """``ray.serve`` with one handler using ``formatter`` (what a replica's file handler uses)."""
+    import io
+
+    log = logging.getLogger("ray.serve")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    saved = (log.handlers[:], log.level, log.propagate)
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    lines: list[str] = []
+
+    def restore() -> Iterator[None]:
+        yield
+        handler.flush()
+        lines.extend(stream.getvalue().splitlines())
+        log.handlers[:], level, log.propagate = saved[0], saved[1], saved[2]
+        log.setLevel(level)
+
+    return log, lines, restore()
+
+
+def test_text_lines_show_the_prediction_fields_and_json_lines_keep_them_as_keys() -> None:
+    import json
+
+    from ray._common.formatters import JSONFormatter
+    from ray.serve._private.logging_utils import ServeFormatter
+
+    from serve_app.logs import SecretMask, install_prediction_text
+
+    fields = {"request_id": "r1", "model": "qa", "variant": "default", "cache": "HIT-MEMORY", "outcome": "ok",
+              "latency_ms": 0.412, "input_tokens": 0, "output_tokens": 0, "cost_usd": None,
+              "served_by": "sk-proj-AbCdEf0123456789"}  # key-shaped: the mask must still see it
+    text_log, text_lines, done = _formatted_by(ServeFormatter("Router", "r"))
+    next(done)
+    assert install_prediction_text() == 1 and install_prediction_text() == 1  # idempotent
+    text_log.handlers[0].addFilter(SecretMask([]))  # as in a replica: the mask after, on the finished text
+    log_prediction(**fields)
+    text_log.info("replica started")
+    next(done, None)
+    assert len(text_lines) == 2
+    assert text_lines[0].endswith("-- prediction model=qa variant=default served_by=*** cache=HIT-MEMORY outcome=ok "
+                                  "latency_ms=0.412 input_tokens=0 output_tokens=0")
+    assert "r1" in text_lines[0] and "cost_usd" not in text_lines[0] and "AbCdEf" not in text_lines[0]
+    assert text_lines[1].endswith("-- replica started")
+
+    _, json_lines, done = _formatted_by(JSONFormatter())
+    next(done)
+    assert install_prediction_text() == 0  # JSON lines carry the fields as keys already
+    log_prediction(**fields)
+    next(done, None)
+    record = json.loads(json_lines[0])
+    assert record["message"] == "prediction" and record["model"] == "qa" and record["latency_ms"] == 0.412

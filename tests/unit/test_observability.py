@@ -293,6 +293,47 @@ def test_ray_sink_aggregates_counters_and_gauges_between_flushes() -> None:
     assert fakes["predictions"].calls[-1] == ("inc", 2.0, labels)
 
 
+def test_series_are_the_same_whatever_the_label_order_and_past_the_memo() -> None:
+    """Counters and RaySink remember each label set's key (the hit path's metrics cost); the
+    order of keyword labels must not split a series, and label sets past the memo's bound are
+    still counted, each under its own key."""
+    from serve_app import metrics
+    from serve_app.metrics import RaySink
+
+    counters = Counters()
+    counters.inc("predictions", model="qa", variant="a", outcome="ok", cache="MISS")
+    counters.inc("predictions", cache="MISS", outcome="ok", variant="a", model="qa")
+    counters.observe("prediction_latency_ms", 3.0, variant="a", model="qa")
+    counters.observe("prediction_latency_ms", 4.0, model="qa", variant="a")
+    assert counters.get("predictions", model="qa", variant="a", outcome="ok", cache="MISS") == 2
+    assert counters.get("prediction_latency_ms_sum", model="qa", variant="a") == 7.0
+    for i in range(metrics._MAX_MEMO + 10):
+        counters.inc("errors", model=f"m{i}", code="internal")
+    assert counters.get("errors", model=f"m{metrics._MAX_MEMO + 5}", code="internal") == 1
+    assert counters.total("errors") == metrics._MAX_MEMO + 10
+
+    flushed: list[tuple[float, dict[str, str]]] = []
+    observed: list[dict[str, str]] = []
+
+    class FakeMetric:
+        def inc(self, value: float, tags: dict[str, str]) -> None:
+            flushed.append((value, tags))
+
+        def observe(self, value: float, tags: dict[str, str]) -> None:
+            observed.append(dict(tags))  # as given, before Serve's histogram adds the route
+            tags["route"] = "/v1/predict"  # Serve's histogram adds the route to the dict it gets
+
+    sink = RaySink(flush_s=3600)
+    sink._metric = lambda name: FakeMetric()  # type: ignore[method-assign]
+    sink("counter", "predictions", {"model": "qa", "variant": "a", "outcome": "ok", "cache": "MISS"}, 1.0)
+    sink("counter", "predictions", {"cache": "MISS", "outcome": "ok", "variant": "a", "model": "qa"}, 1.0)
+    sink("histogram", "prediction_latency_ms", {"model": "qa", "variant": "a"}, 1.0)
+    sink("histogram", "prediction_latency_ms", {"model": "qa", "variant": "a"}, 2.0)
+    sink.flush()
+    assert flushed == [(2.0, {"model": "qa", "variant": "a", "outcome": "ok", "cache": "MISS"})]
+    assert observed == [{"model": "qa", "variant": "a"}] * 2  # one call's route never leaks into the next
+
+
 def _buffered(logger_name: str) -> tuple[logging.Logger, logging.handlers.MemoryHandler, list[str]]:
     """A logger with Serve's throughput-optimized shape: a MemoryHandler of 1,000 records,
     flushed only when full or on ERROR, in front of the handler that writes."""

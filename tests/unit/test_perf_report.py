@@ -36,3 +36,37 @@ def test_rerender_rewrites_the_markdown_from_the_json(tmp_path: Path) -> None:
 
 def test_rerender_without_a_json_says_so(tmp_path: Path) -> None:
     assert main(["--rerender", "--out", str(tmp_path)]) == 2
+
+
+def test_repeated_phases_report_the_median_round_whole_and_keep_every_round() -> None:
+    from benchmarks.perf_bench import (
+        Cfg,
+        Ctx,
+        System,
+        median_round,
+        parse_args,
+        rounds_table,
+    )
+
+    _, cfg = parse_args([])
+    assert cfg.closed_rounds == 3 and parse_args(["--quick"])[1].closed_rounds == 1
+    assert Cfg.__dataclass_fields__["closed_rounds"].default == 1  # results from before rounds rerender as 1
+    logged: list[str] = []
+    ctx = Ctx(cfg, sim=None, log=logged.append)  # type: ignore[arg-type]
+    system = System("ours", "ours", "http://x", meter=None)  # type: ignore[arg-type]
+    figures = iter([(300.0, 70.0, 0.01), (250.0, 60.0, 0.30), (280.0, 65.0, 0.02)])
+
+    def run() -> dict[str, float | str]:
+        rps, p50, steal = next(figures)
+        return {"label": "closed c=64", "throughput_rps": rps, "p50_ms": p50, "machine_steal_frac": steal}
+
+    row = median_round(ctx, system, "zipf/closed c=64", run)
+    assert row["throughput_rps"] == 280.0 and row["p50_ms"] == 65.0  # the median round, whole
+    assert [r["throughput_rps"] for r in row["rounds"]] == [300.0, 250.0, 280.0] and row["rounds_by"] == "throughput_rps"
+    figures = iter([(9.0, 61.0, 0.0), (9.0, 59.0, 0.0), (9.0, 60.5, 0.0)])
+    assert median_round(ctx, system, "miss/closed c=1", run, by="p50_ms")["p50_ms"] == 60.5
+    table = rounds_table({"ours": {"zipf": {"c64": row}}})
+    assert "| ours | zipf closed c=64 | throughput_rps | 300.0, 250.0, 280.0 | 280.0 | 1%, 30%, 2% |" in table
+    single = median_round(Ctx(parse_args(["--quick"])[1], sim=None, log=logged.append), system, "x",  # type: ignore[arg-type]
+                          lambda: {"throughput_rps": 1.0})
+    assert "rounds" not in single
