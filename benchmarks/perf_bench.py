@@ -45,6 +45,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -61,7 +62,7 @@ from serve_app.serve_mode import MODES
 from .cluster import LMSimProcess, PeerServer, RayServe, dspy_app, serve_config, sim_model
 from .loadgen import LoadSpec, run_load
 from .phases import prewarm
-from .procstat import CpuMeter, machine_busy, machine_steal, proc_cpu_s
+from .procstat import CpuMeter, host_speed_ms, machine_busy, machine_steal, proc_cpu_s
 from .report import Progress, fmt_num, header_markdown, markdown_table, run_header, write_results
 
 __all__ = ["main", "SCENARIOS", "zipf_k_for", "slo_check"]
@@ -242,6 +243,7 @@ def measure(ctx: Ctx, system: System, scenario: str, label: str, spec: LoadSpec,
     where = f"closed c={spec.concurrency}" if spec.mode == "closed" else (
         f"open {spec.rate:g}/s" if not spec.profile else f"open profile {spec.profile}")
     ctx.log(f"[{system.name}] {scenario}/{label}: {where}, {spec.warmup_s:g}s warm-up + {spec.duration_s:g}s")
+    speed = host_speed_ms()  # before the load: the host, not the system under test
     sim_pid = ctx.sim.proc.pid if ctx.sim.proc else None
     calls0 = ctx.sim.calls()
     sim0 = proc_cpu_s(sim_pid) if sim_pid else None
@@ -279,6 +281,7 @@ def measure(ctx: Ctx, system: System, scenario: str, label: str, spec: LoadSpec,
         "machine_busy_frac": round((busy1 - busy0) / (tot1 - tot0), 3) if tot1 > tot0 else None,
         # CPU the host took for others (included in busy): high steal = a noisy neighbour
         "machine_steal_frac": round((steal1 - steal0) / (tot1 - tot0), 3) if tot1 > tot0 else None,
+        "host_speed_ms": speed,
         "wall_s": round(wall, 2),
         **extra,
         "loadgen": res,
@@ -478,7 +481,7 @@ def cold_app(api_base: str) -> dict[str, Any]:
 
 
 ROUND_FIELDS = ("throughput_rps", "p50_ms", "p99_ms", "errors", "hit_ratio", "cpu_ms_per_req", "machine_busy_frac",
-                "machine_steal_frac")
+                "machine_steal_frac", "host_speed_ms")
 
 
 def median_round(ctx: Ctx, system: System, label: str, run: Callable[[], dict[str, Any]],
@@ -1016,6 +1019,27 @@ def cpu_breakdown(ours: dict[str, Any] | None, cfg: Cfg) -> str:
     return "\n".join(lines + extra)
 
 
+def _rows(data: Any) -> list[dict[str, Any]]:
+    """Every measured row under a system's results (phases, sweep rows, rounds excluded)."""
+    if isinstance(data, dict):
+        if "host_speed_ms" in data and "throughput_rps" in data:
+            return [data]
+        return [r for v in data.values() for r in _rows(v)]
+    if isinstance(data, list):
+        return [r for v in data for r in _rows(v)]
+    return []
+
+
+def host_speeds(systems: dict[str, Any]) -> dict[str, tuple[float, float, float]]:
+    """Per system: (median, min, max) of the host-speed probe over its phases."""
+    out = {}
+    for name, data in systems.items():
+        vals = [r["host_speed_ms"] for r in _rows(data) if isinstance(r.get("host_speed_ms"), int | float)]
+        if vals:
+            out[name] = (statistics.median(vals), min(vals), max(vals))
+    return out
+
+
 def rounds_table(systems: dict[str, Any]) -> str:
     """Every round of the repeated closed-loop phases: the figure the median was taken by, and steal."""
     lines = ["| System | Phase | median by | rounds (in order) | reported | steal per round |",
@@ -1069,6 +1093,13 @@ def render_markdown(result: dict[str, Any]) -> str:
                    "median round (by throughput; the c=1 miss by its p50), whole. All rounds:"), "", rounds, ""]
     idle = " · ".join(f"{n} {_f(_g(d, 'idle', 'cores'), 3)} cores" for n, d in systems.items())
     lines += [f"Idle server CPU (no load): {idle}.", ""]
+    speeds = host_speeds(systems)
+    if speeds:
+        lines += ["Host speed while each system ran (`procstat.host_speed_ms`: CPU ms of a fixed pure-Python loop, "
+                  "taken before every phase with the system idle; lower = faster host; median over the system's "
+                  "phases, range in brackets): " + " · ".join(
+                      f"{n} {med:.1f} [{lo:.1f}–{hi:.1f}]" for n, (med, lo, hi) in speeds.items())
+                  + ". The systems run minutes apart: compare ratios with this in view.", ""]
 
     if "miss" in cfg.scenarios:
         lines += ["## Miss path (unique inputs: every request an LM call)", "", comparison_table(systems, [

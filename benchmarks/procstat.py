@@ -193,3 +193,21 @@ class StealWindow:
     def fraction(self) -> float:
         steal, total = machine_steal(), machine_busy()[1]
         return round((steal - self._steal0) / (total - self._total0), 3) if total > self._total0 else 0.0
+
+
+def host_speed_ms(rounds: int = 5) -> float:
+    """CPU milliseconds this process takes for a fixed pure-Python workload (the minimum of
+    ``rounds`` tries, ~10 ms each): a yardstick of the host's speed at this moment, lower =
+    faster. The VM shares its host, whose speed moves by tens of percent without showing as
+    steal, and the systems of a run are measured minutes apart; taken while the system under
+    test is idle, this tells a slower host from a slower system."""
+    import time
+
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.process_time()
+        acc = 0
+        for i in range(150_000):
+            acc += i * i % 7
+        best = min(best, time.process_time() - t0)
+    return round(best * 1000.0, 3)

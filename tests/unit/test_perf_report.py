@@ -70,3 +70,19 @@ def test_repeated_phases_report_the_median_round_whole_and_keep_every_round() ->
     single = median_round(Ctx(parse_args(["--quick"])[1], sim=None, log=logged.append), system, "x",  # type: ignore[arg-type]
                           lambda: {"throughput_rps": 1.0})
     assert "rounds" not in single
+
+
+def test_host_speed_is_reported_per_system_from_every_phase() -> None:
+    from benchmarks.perf_bench import host_speeds
+    from benchmarks.procstat import host_speed_ms
+
+    assert host_speed_ms(rounds=1) > 0
+    systems = {
+        "peer-1w": {"miss": {"c1": {"throughput_rps": 1.0, "host_speed_ms": 10.0},
+                             "sweep": {"rows": [{"throughput_rps": 1.0, "host_speed_ms": 12.0}]}}},
+        "ours": {"miss": {"c64": {"throughput_rps": 1.0, "host_speed_ms": 14.0,
+                                  "rounds": [{"host_speed_ms": 99.0}]}},  # rounds are not phases of their own
+                 "hit": {"c64": {"throughput_rps": 1.0, "host_speed_ms": 16.0}}, "idle": {"cores": 0.2}},
+        "old": {"miss": {"c1": {"throughput_rps": 1.0}}},  # results from before the probe
+    }
+    assert host_speeds(systems) == {"peer-1w": (11.0, 10.0, 12.0), "ours": (15.0, 14.0, 16.0)}
