@@ -1,9 +1,18 @@
-"""Per-hit cost of the three metric calls a near-cache hit makes, old vs new metrics.py, alternated."""
-import importlib.util, statistics, sys, time
-sys.path.insert(0, "/work/main")
+"""Per-hit cost of the three metric calls a near-cache hit makes, old vs new metrics.py, alternated.
+
+    .venv/bin/python benchmarks/results/metrics_memo/metrics_ab.py    # from the repository root (~20 s)
+
+"before" is serve_app/metrics.py of commit 0ae53a4 (read with git show), "after" the working tree's.
+Ray's own metric record is replaced by a no-op in both: this times our layer only.
+"""
+import importlib.util, statistics, subprocess, sys, tempfile, time
+old_src = subprocess.run(["git", "show", "0ae53a4:serve_app/metrics.py"], capture_output=True, text=True, check=True).stdout
+OLD = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
+OLD.write(old_src)
+OLD.close()
 def load(path, name):
     spec = importlib.util.spec_from_file_location(name, path); m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); return m
-mods = {"before (0ae53a4)": load("/tmp/s16/metrics_old.py", "m_old"), "after": load("/work/main/serve_app/metrics.py", "m_new")}
+mods = {"before (0ae53a4)": load(OLD.name, "m_old"), "after": load("serve_app/metrics.py", "m_new")}
 class FakeMetric:
     def observe(self, v, tags=None): pass
     def inc(self, v, tags=None): pass
@@ -24,5 +33,8 @@ for rnd in range(7):
         t0 = time.process_time()
         for _ in range(N): fn()
         res[k].append((time.process_time() - t0) / N * 1e6)
+
 for k, v in res.items():
     print(f"{k}: median {statistics.median(v):.2f} us per hit (3 metric calls, Ray's record excluded); rounds {[round(x,2) for x in v]}")
+import os
+os.unlink(OLD.name)
