@@ -260,7 +260,8 @@ def test_text_lines_show_the_prediction_fields_and_json_lines_keep_them_as_keys(
 
     fields = {"request_id": "r1", "model": "qa", "variant": "default", "cache": "HIT-MEMORY", "outcome": "ok",
               "latency_ms": 0.412, "input_tokens": 0, "output_tokens": 0, "cost_usd": None,
-              "served_by": "sk-proj-AbCdEf0123456789"}  # key-shaped: the mask must still see it
+              "served_by": "sk-proj-AbCdEf0123456789",  # key-shaped: the mask must still see it
+              "api_key": "team-a"}  # the key's id: shown as key_id, which the mask leaves alone
     text_log, text_lines, done = _formatted_by(ServeFormatter("Router", "r"))
     next(done)
     assert install_prediction_text() == 1 and install_prediction_text() == 1  # idempotent
@@ -270,7 +271,7 @@ def test_text_lines_show_the_prediction_fields_and_json_lines_keep_them_as_keys(
     next(done, None)
     assert len(text_lines) == 2
     assert text_lines[0].endswith("-- prediction model=qa variant=default served_by=*** cache=HIT-MEMORY outcome=ok "
-                                  "latency_ms=0.412 input_tokens=0 output_tokens=0")
+                                  "latency_ms=0.412 input_tokens=0 output_tokens=0 key_id=team-a")
     assert "r1" in text_lines[0] and "cost_usd" not in text_lines[0] and "AbCdEf" not in text_lines[0]
     assert text_lines[1].endswith("-- replica started")
 
