@@ -508,10 +508,11 @@ def run_miss(ctx: Ctx, system: System) -> dict[str, Any]:
     uniq = lambda: system.body("qa", kind="unique")  # noqa: E731 - a fresh nonce per run (loadgen)
     out = {}
     for c in (1, cfg.high):
-        out[f"c{c}"] = median_round(ctx, system, f"miss/closed c={c}", lambda c=c: measure(  # type: ignore[misc]
-            ctx, system, "miss", f"closed c={c}", LoadSpec(
+        def one(c: int = c) -> dict[str, Any]:
+            return measure(ctx, system, "miss", f"closed c={c}", LoadSpec(
                 url=system.url(), body=uniq(), mode="closed", concurrency=c, duration_s=cfg.duration_s,
-                warmup_s=cfg.warmup_s)), by="p50_ms" if c == 1 else "throughput_rps")
+                warmup_s=cfg.warmup_s))
+        out[f"c{c}"] = median_round(ctx, system, f"miss/closed c={c}", one, by="p50_ms" if c == 1 else "throughput_rps")
     out["c1"]["added_latency_ms"] = (None if out["c1"]["p50_ms"] is None
                                      else round(out["c1"]["p50_ms"] - cfg.sim_latency_ms, 2))
     out["sweep"] = sweep(ctx, system, "miss", cfg.miss_rates, lambda r: uniq())

@@ -17,6 +17,7 @@ Reads only; starts and stops nothing.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,6 @@ def host_speed_ms(rounds: int = 5) -> float:
     faster. The VM shares its host, whose speed moves by tens of percent without showing as
     steal, and the systems of a run are measured minutes apart; taken while the system under
     test is idle, this tells a slower host from a slower system."""
-    import time
-
     best = float("inf")
     for _ in range(rounds):
         t0 = time.process_time()

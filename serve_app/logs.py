@@ -112,24 +112,24 @@ def install_secret_mask(literals: Iterable[str]) -> SecretMask:
     return mask_filter
 
 
-# The prediction line's fields in the order TEXT lines show them, with their labels there
-# (request_id is Serve's own). ``api_key`` holds the key's id, never the key: shown as
-# ``key_id``, because ``api_key=...`` is what the secret mask masks in any line.
-TEXT_FIELDS = (("model", "model"), ("variant", "variant"), ("served_by", "served_by"), ("cache", "cache"),
-               ("outcome", "outcome"), ("error_code", "error_code"), ("latency_ms", "latency_ms"),
-               ("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"), ("cost_usd", "cost_usd"),
-               ("api_key", "key_id"))
+# The prediction line's fields in the order TEXT lines show them (request_id is Serve's own).
+TEXT_FIELDS = ("model", "variant", "served_by", "cache", "outcome", "error_code", "latency_ms", "input_tokens",
+               "output_tokens", "cost_usd", "api_key")
+# ``api_key`` holds the key's id, never the key: shown as ``key_id``, because ``api_key=...`` is
+# what the secret mask masks in any line.
+_TEXT_LABELS = {"api_key": "key_id"}
 
 
 class PredictionText(logging.Filter):
     """For a handler whose format shows only the message (Serve's TEXT encoding): writes a
-    prediction record's fields into its message as ``label=value`` pairs, in ``TEXT_FIELDS``
+    prediction record's fields into its message as ``key=value`` pairs, in ``TEXT_FIELDS``
     order, absent ones left out. Other records pass unchanged; it never drops a record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg == "prediction" and record.funcName == "log_prediction":
             fields = record.__dict__
-            record.msg = " ".join(["prediction", *(f"{label}={fields[k]}" for k, label in TEXT_FIELDS if k in fields)])
+            record.msg = " ".join(["prediction", *(f"{_TEXT_LABELS.get(k, k)}={fields[k]}"
+                                                   for k in TEXT_FIELDS if k in fields)])
         return True
 
 

@@ -81,7 +81,8 @@ def test_host_speed_is_reported_per_system_from_every_phase() -> None:
         "peer-1w": {"miss": {"c1": {"throughput_rps": 1.0, "host_speed_ms": 10.0},
                              "sweep": {"rows": [{"throughput_rps": 1.0, "host_speed_ms": 12.0}]}}},
         "ours": {"miss": {"c64": {"throughput_rps": 1.0, "host_speed_ms": 14.0,
-                                  "rounds": [{"host_speed_ms": 99.0}]}},  # rounds are not phases of their own
+                                  # rounds carry the same fields, but are not phases of their own
+                                  "rounds": [{"throughput_rps": 1.0, "host_speed_ms": 99.0}]}},
                  "hit": {"c64": {"throughput_rps": 1.0, "host_speed_ms": 16.0}}, "idle": {"cores": 0.2}},
         "old": {"miss": {"c1": {"throughput_rps": 1.0}}},  # results from before the probe
     }

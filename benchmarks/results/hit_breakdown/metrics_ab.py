@@ -5,7 +5,7 @@
 "before" is serve_app/metrics.py of commit 0ae53a4 (read with git show), "after" the working tree's.
 Ray's own metric record is replaced by a no-op in both: this times our layer only.
 """
-import importlib.util, statistics, subprocess, sys, tempfile, time
+import importlib.util, os, statistics, subprocess, sys, tempfile, time
 old_src = subprocess.run(["git", "show", "0ae53a4:serve_app/metrics.py"], capture_output=True, text=True, check=True).stdout
 OLD = tempfile.NamedTemporaryFile("w", suffix=".py", delete=False)
 OLD.write(old_src)
@@ -36,5 +36,4 @@ for rnd in range(7):
 
 for k, v in res.items():
     print(f"{k}: median {statistics.median(v):.2f} us per hit (3 metric calls, Ray's record excluded); rounds {[round(x,2) for x in v]}")
-import os
 os.unlink(OLD.name)
