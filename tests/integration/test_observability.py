@@ -106,41 +106,60 @@ def test_every_family_moves_by_exactly_what_was_sent(deployed: ServeCluster, htt
     assert http.post("/obs/v1/predict", json={"model": "nope", "inputs": {}}).status_code == 404
     assert http.post("/obs/v1/predict", content=b"{", headers={"content-type": "application/json"}).status_code == 400
 
-    def delta(name: str, **match: str) -> float:
-        return total(scrape(deployed), name, **match) - total(before, name, **match)
+    # What every replica must have exported, as (family, labels) -> delta. Ray exports each
+    # replica's series on its own clock (every second in tests), so the wait covers a series
+    # from every replica that moved (Router, Cache, each predictor); then each is exact.
+    expected: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {
+        ("ray_dspy_predictions_total", (("model", "qa"), ("outcome", "ok"), ("cache", "MISS"))): 5,
+        ("ray_dspy_predictions_total", (("model", "qa"), ("outcome", "ok"), ("cache", "HIT-MEMORY"))): 3,
+        ("ray_dspy_predictions_total", (("model", "qa"), ("outcome", "ok"), ("cache", "BYPASS"))): 1,
+        ("ray_dspy_predictions_total", (("model", "pipeline"), ("outcome", "ok"))): 2,
+        ("ray_dspy_predictions_total", (("model", "flaky"), ("outcome", "error"))): 3,
+        ("ray_dspy_errors_total", (("model", "flaky"), ("code", "upstream_error"))): 2,
+        ("ray_dspy_errors_total", (("model", "flaky"), ("code", "circuit_open"))): 1,
+        ("ray_dspy_errors_total", (("model", "-"), ("code", "unknown_model"))): 1,
+        ("ray_dspy_errors_total", (("model", "-"), ("code", "invalid_request"))): 1,
+        # every predict the core saw
+        ("ray_dspy_prediction_latency_ms_count", ()): 5 + 3 + 1 + 2 + 3 + 1,
+        # Cache: the 3 repeated hits are answered by the router's near cache, without a hop;
+        # the 10 first-time cache-through inputs (qa 5, pipeline 2, flaky 3) by the key index,
+        # without a hop either (the Cache never saw them); writes for the 7 cached successes.
+        ("ray_dspy_cache_operations_total", (("tier", "near"), ("op", "get"), ("result", "hit"))): 3,
+        ("ray_dspy_cache_operations_total", (("tier", "index"), ("op", "get"), ("result", "skip"))): 10,
+        ("ray_dspy_cache_operations_total", (("tier", "memory"), ("op", "get"), ("result", "hit"))): 0,
+        ("ray_dspy_cache_operations_total", (("tier", "memory"), ("op", "get"), ("result", "miss"))): 0,
+        ("ray_dspy_cache_operations_total", (("tier", "memory"), ("op", "set"), ("result", "ok"))): 7,
+        # Tokens equal the simulator's ledger of successful calls.
+        ("ray_dspy_tokens_total", (("type", "input"),)): ledger["prompt_tokens"],
+        ("ray_dspy_tokens_total", (("type", "output"),)): ledger["completion_tokens"],
+    }
 
-    # Ray exports every second in tests, per replica: wait until each replica's last increment
-    # is visible (router: the last error; cache: the last miss; predictor: the last tokens).
-    wait_for(lambda: delta("ray_dspy_errors_total", code="invalid_request") == 1
-             and delta("ray_dspy_cache_operations_total", tier="index", op="get", result="skip") >= 10
-             and delta("ray_dspy_tokens_total", type="input") >= ledger["prompt_tokens"], 30, "metrics export")
+    def deltas(now: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, float]:
+        return {f"{name}{dict(labels)}": total(now, name, **dict(labels)) - total(before, name, **dict(labels))
+                for name, labels in expected}
+
+    want = {f"{name}{dict(labels)}": v for (name, labels), v in expected.items()}
+
+    def flaky_breaker_open(now: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
+        return any(labels.get("model") == "flaky" and v == 2 for labels, v in now.get("ray_dspy_breaker_state", []))
+
+    header_usd = sum(float(r.headers["X-Cost-USD"]) for r in responses if r.status_code == 200)
+
+    def exported() -> bool:
+        now = scrape(deployed)
+        got = deltas(now)
+        usd = total(now, "ray_dspy_cost_usd_total") - total(before, "ray_dspy_cost_usd_total")
+        return (flaky_breaker_open(now) and usd >= header_usd * (1 - 1e-6)
+                and all(got[k] >= v for k, v in want.items()))
+
+    wait_for(exported, 30, "every replica's metrics export")
     after = scrape(deployed)
+    assert deltas(after) == want
 
     def d(name: str, **match: str) -> float:
         return total(after, name, **match) - total(before, name, **match)
 
-    assert d("ray_dspy_predictions_total", model="qa", outcome="ok", cache="MISS") == 5
-    assert d("ray_dspy_predictions_total", model="qa", outcome="ok", cache="HIT-MEMORY") == 3
-    assert d("ray_dspy_predictions_total", model="qa", outcome="ok", cache="BYPASS") == 1
-    assert d("ray_dspy_predictions_total", model="pipeline", outcome="ok") == 2
-    assert d("ray_dspy_predictions_total", model="flaky", outcome="error") == 3
-    assert d("ray_dspy_errors_total", model="flaky", code="upstream_error") == 2
-    assert d("ray_dspy_errors_total", model="flaky", code="circuit_open") == 1
-    assert d("ray_dspy_errors_total", model="-", code="unknown_model") == 1
-    assert d("ray_dspy_errors_total", model="-", code="invalid_request") == 1
-    assert d("ray_dspy_prediction_latency_ms_count") == 5 + 3 + 1 + 2 + 3 + 1  # every predict the core saw
-    # Cache: misses for every cache-through request (qa 5, pipeline 2, flaky 3); writes for successes.
-    # The 3 repeated hits are answered by the router's near cache, without a hop; the 10
-    # first-time inputs by the key index, without a hop either (the Cache never saw them).
-    assert d("ray_dspy_cache_operations_total", tier="near", op="get", result="hit") == 3
-    assert d("ray_dspy_cache_operations_total", tier="index", op="get", result="skip") == 10
-    assert d("ray_dspy_cache_operations_total", tier="memory", op="get", result="hit") == 0
-    assert d("ray_dspy_cache_operations_total", tier="memory", op="get", result="miss") == 0
-    assert d("ray_dspy_cache_operations_total", tier="memory", op="set", result="ok") == 7
-    # Tokens equal the simulator's ledger of successful calls; dollars equal the headers.
-    assert d("ray_dspy_tokens_total", type="input") == ledger["prompt_tokens"]
-    assert d("ray_dspy_tokens_total", type="output") == ledger["completion_tokens"]
-    header_usd = sum(float(r.headers["X-Cost-USD"]) for r in responses if r.status_code == 200)
+    # Dollars equal the headers, and the headers the simulator's ledger at the configured prices.
     expected_usd = (ledger["prompt_tokens"] * 0.15 + ledger["completion_tokens"] * 0.60) / 1e6
     assert math.isclose(header_usd, expected_usd, rel_tol=1e-6)
     assert math.isclose(d("ray_dspy_cost_usd_total"), header_usd, rel_tol=1e-6)
