@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Self
 import httpx
 import yaml
 
+from serve_app.ports import PortPicker
 from serve_app.serve_mode import MODES, isolated_env
 
 __all__ = [
@@ -64,10 +64,9 @@ RAY_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Ports for this process's servers and clusters (serve_app/ports.py: none from the kernel's
+# ephemeral range, where a starting Ray cluster could take one before it is bound).
+free_port = PortPicker()
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:

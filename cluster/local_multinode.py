@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,16 +45,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve_app.ports import PortPicker
+
 REPO = Path(__file__).resolve().parents[1]
 APP = "dspy"
 MODELS = {"qa": ("serve_app.examples:build_qa", "question"), "classify": ("serve_app.examples:build_classifier", "text")}
 RETRYABLE = {(502, "upstream_error"), (503, "overloaded"), (503, "circuit_open"), (504, "upstream_timeout")}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# serve_app/ports.py: no port from the kernel's ephemeral range, where the starting Ray
+# nodes could take one (the worker proxies bind theirs last).
+free_port = PortPicker()
 
 
 def wait_for(cond: Any, timeout_s: float, what: str, interval_s: float = 0.25) -> Any:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.ports import PortPicker
+
 REPO = Path(__file__).resolve().parents[2]
 # A fake provider key exported into the session cluster's environment (as an operator exports
 # a real one before `ray start`); tests assert it never shows up in a log, header or body.
@@ -25,10 +26,9 @@ CANARY_ENV = "SERVE_APP_TEST_CANARY_KEY"
 CANARY = "sk-canary-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# Every port the session's servers and cluster bind (serve_app/ports.py: none from the
+# kernel's ephemeral range, where the starting Ray cluster could take one before it is bound).
+free_port = PortPicker()
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
