@@ -272,6 +272,12 @@ def run(args: argparse.Namespace) -> Report:
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     temp_dir = tempfile.mkdtemp(prefix="sa_mn_")
+    # ray.cluster_utils.Cluster writes the head's address to <RAY_TMPDIR or /tmp>/ray/
+    # ray_current_cluster for a later `ray.init()` and does not create that folder: on a fresh
+    # machine (no Ray run there yet) /tmp/ray is missing and the head failed to start. Pointing
+    # RAY_TMPDIR into this run's folder also keeps a user's `ray.init()` off this cluster.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"), exist_ok=True)
     if args.keep_logs:
         print(f"Ray session directory: {temp_dir}", flush=True)
     cluster: Any = None
