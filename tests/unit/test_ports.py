@@ -42,7 +42,9 @@ def test_a_port_in_use_or_already_given_is_skipped() -> None:
     pick = PortPicker(rng=random.Random(7), port_range=(20_000, 20_999), is_free=is_free)
     got = [pick() for _ in range(900)]
     assert len(set(got)) == 900
-    assert 20_005 not in got
+    assert 20_005 in tried and 20_005 not in got  # tried, found busy, skipped
+    handed_out = [p for p in tried if p not in busy]
+    assert len(handed_out) == len(set(handed_out))  # a port given once is not even tried again
     assert all(20_000 <= p <= 20_999 for p in got)
 
 
